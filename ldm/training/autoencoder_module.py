@@ -1,0 +1,162 @@
+"""Stage 1: the LightningModule that trains a KL autoencoder against a delayed patch-GAN."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import hydra
+import lightning.pytorch as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+
+from ldm.training.callbacks import to_grid
+from ldm.training.nonfinite import NonFiniteGuard
+
+STAGE = "autoencoder"
+
+
+def _plain(cfg: Any) -> Any:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+
+
+class AutoencoderModule(pl.LightningModule):
+    """Trains `model` (a KLAutoencoder) with `loss` (an AutoencoderLoss holding the discriminator).
+
+    Manual optimization with two optimizers. All schedule decisions (discriminator on/off,
+    warm-up) use `generator_step`, the number of autoencoder updates, never Lightning's
+    `global_step`, which counts every `optimizer.step()` of both optimizers.
+    """
+
+    def __init__(
+        self,
+        model: dict,
+        loss: dict,
+        optimizer: dict,
+        disc_optimizer: dict,
+        lr_warmup_steps: int = 0,
+        num_logged_images: int = 8,
+        max_nonfinite_steps: int = 10,
+    ) -> None:
+        super().__init__()
+        model, loss = _plain(model), _plain(loss)
+        optimizer, disc_optimizer = _plain(optimizer), _plain(disc_optimizer)
+        self.save_hyperparameters(
+            {
+                "stage": STAGE,
+                "model": model,
+                "loss": loss,
+                "optimizer": optimizer,
+                "disc_optimizer": disc_optimizer,
+                "lr_warmup_steps": lr_warmup_steps,
+                "num_logged_images": num_logged_images,
+                "max_nonfinite_steps": max_nonfinite_steps,
+            }
+        )
+        self.automatic_optimization = False
+        self.autoencoder = hydra.utils.instantiate(model)
+        self.loss = hydra.utils.instantiate(loss)
+        self.generator_step = 0
+        self.nonfinite = NonFiniteGuard(max_nonfinite_steps)
+        self.val_psnr = PeakSignalNoiseRatio(data_range=1.0)
+        self.val_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        posterior = self.autoencoder.encode(x)
+        return self.autoencoder.decode(posterior.mode())
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        ae_params = list(self.autoencoder.parameters()) + list(self.loss.generator_parameters())
+        opt_ae = hydra.utils.instantiate(self.hparams.optimizer)(ae_params)
+        opt_d = hydra.utils.instantiate(self.hparams.disc_optimizer)(self.loss.discriminator.parameters())
+        return [opt_ae, opt_d]
+
+    def _warmup(self, optimizer: torch.optim.Optimizer, base_lrs: list[float]) -> None:
+        warmup = self.hparams.lr_warmup_steps
+        if warmup <= 0:
+            return
+        scale = min(1.0, (self.generator_step + 1) / warmup)
+        for group, lr in zip(optimizer.param_groups, base_lrs):
+            group["lr"] = lr * scale
+
+    def on_train_start(self) -> None:
+        self._base_lrs = [[g.get("initial_lr", g["lr"]) for g in o.param_groups] for o in self.optimizers()]
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        opt_ae, opt_d = self.optimizers()
+        x = batch["image"]
+        step = self.generator_step
+        reconstructions, posterior = self.autoencoder(x)
+
+        g_loss, g_logs = self.loss.generator_loss(x, reconstructions, posterior, step, self.autoencoder.last_layer)
+        if not self.nonfinite.check(g_loss, step):
+            opt_ae.zero_grad(set_to_none=True)
+            self.generator_step += 1
+            return
+        self._warmup(opt_ae, self._base_lrs[0])
+        opt_ae.zero_grad(set_to_none=True)
+        self.manual_backward(g_loss)
+        self._clip(opt_ae)
+        opt_ae.step()
+        logs = {f"train/{k}": v for k, v in g_logs.items()}
+
+        if self.loss.discriminator_active(step):
+            d_loss, d_logs = self.loss.discriminator_loss(x, reconstructions.detach(), step)
+            opt_d.zero_grad(set_to_none=True)
+            self.manual_backward(d_loss)
+            self._clip(opt_d)
+            opt_d.step()
+            logs.update({f"train/{k}": v for k, v in d_logs.items()})
+
+        self.generator_step += 1
+        logs["train/generator_step"] = float(self.generator_step)
+        self.log_dict(logs, prog_bar=False, on_step=True, on_epoch=False)
+        self.log("loss", g_logs["total"], prog_bar=True, on_step=True, on_epoch=False, logger=False)
+
+    def _clip(self, optimizer: torch.optim.Optimizer) -> None:
+        clip = self.trainer.gradient_clip_val
+        if clip:
+            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        x = batch["image"]
+        reconstructions, posterior = self.autoencoder(x, sample_posterior=False)
+        rec_l1 = (x - reconstructions).abs().mean()
+        x01 = ((x.float() + 1) / 2).clamp(0, 1)
+        r01 = ((reconstructions.float() + 1) / 2).clamp(0, 1)
+        self.val_psnr.update(r01, x01)
+        self.val_ssim.update(r01, x01)
+        self.log("val/rec_l1", rec_l1, on_epoch=True, sync_dist=True)
+        self.log("val/kl", posterior.kl().mean(), on_epoch=True, sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val/psnr", self.val_psnr.compute(), prog_bar=True, sync_dist=False)
+        self.log("val/ssim", self.val_ssim.compute(), sync_dist=False)
+        self.val_psnr.reset()
+        self.val_ssim.reset()
+
+    @torch.no_grad()
+    def log_images(self, batch: dict) -> dict[str, Tensor]:
+        x = batch["image"].to(self.device)
+        return {"reconstructions": to_grid([x, self(x)])}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["ldm_stage"] = STAGE
+        checkpoint["generator_step"] = self.generator_step
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        stage = checkpoint.get("ldm_stage")
+        if stage != STAGE:
+            raise ValueError(f"This is a {stage!r} checkpoint; stage=autoencoder can only resume from an autoencoder checkpoint.")
+        self.generator_step = int(checkpoint["generator_step"])
+
+
+def optimizer_steps_for(generator_steps: int, disc_start: int) -> int:
+    """Lightning `max_steps` (optimizer steps of both optimizers) that stops after `generator_steps`."""
+    if generator_steps < 0:
+        return generator_steps
+    return generator_steps + max(0, generator_steps - disc_start)
+
+
+__all__ = ["AutoencoderModule", "optimizer_steps_for", "STAGE"]

@@ -1,0 +1,305 @@
+"""Stage 2: a text-conditioned UNet trained on the latents of a frozen autoencoder."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning.pytorch as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+
+from ldm.checkpoints import CheckpointStageError, load_autoencoder, read_checkpoint
+from ldm.diffusion.objectives import diffusion_target, loss_weight, offset_noise
+from ldm.modules.ema import EMA
+from ldm.pipeline import generate_latents
+from ldm.training.callbacks import to_grid
+from ldm.training.nonfinite import NonFiniteGuard
+
+log = logging.getLogger(__name__)
+STAGE = "ldm"
+
+
+def _plain(cfg: Any) -> Any:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+
+
+class LatentDiffusionModule(pl.LightningModule):
+    """UNet(z_t, t, E(caption)) -> eps (or v), on z = scale_factor * encode(x).sample().
+
+    The autoencoder and the text encoder are frozen, in eval mode, out of the optimizer, and run
+    in fp32 even under mixed precision (GroupNorm in half precision gives NaNs in VAEs). Their
+    weights are kept in this module's checkpoint, so sampling conditions and decodes exactly as
+    training did without the stage-1 file.
+    """
+
+    def __init__(
+        self,
+        model: dict,
+        text_encoder: dict,
+        schedule: dict,
+        optimizer: dict,
+        autoencoder: dict | None = None,
+        autoencoder_ckpt: str | None = None,
+        prediction: str = "eps",
+        loss_weighting: str = "uniform",
+        min_snr_gamma: float = 5.0,
+        offset_noise: float = 0.0,
+        caption_dropout: float = 0.1,
+        scale_factor: float | None = None,
+        scale_factor_batches: int = 8,
+        ema_decay: float = 0.9999,
+        ema_warmup: bool = True,
+        lr_warmup_steps: int = 0,
+        validation_prompts: list[str] | None = None,
+        sample_steps: int = 25,
+        guidance_scale: float = 5.0,
+        timestep_buckets: int = 4,
+        max_nonfinite_steps: int = 10,
+    ) -> None:
+        super().__init__()
+        model, text_encoder, schedule, optimizer = map(_plain, (model, text_encoder, schedule, optimizer))
+        if autoencoder is None:
+            autoencoder_module, autoencoder = self._autoencoder_from_checkpoint(autoencoder_ckpt)
+        else:
+            autoencoder = _plain(autoencoder)
+            autoencoder_module = hydra.utils.instantiate(autoencoder)
+            if autoencoder_ckpt:
+                autoencoder_module = load_autoencoder(autoencoder_ckpt)
+        if not 0.0 <= caption_dropout <= 1.0:
+            raise ValueError(f"caption_dropout must be in [0, 1], got {caption_dropout}")
+        self.save_hyperparameters(
+            {
+                "stage": STAGE,
+                "model": model,
+                "text_encoder": text_encoder,
+                "schedule": schedule,
+                "optimizer": optimizer,
+                "autoencoder": autoencoder,
+                "prediction": prediction,
+                "loss_weighting": loss_weighting,
+                "min_snr_gamma": min_snr_gamma,
+                "offset_noise": offset_noise,
+                "caption_dropout": caption_dropout,
+                "scale_factor_batches": scale_factor_batches,
+                "ema_decay": ema_decay,
+                "ema_warmup": ema_warmup,
+                "lr_warmup_steps": lr_warmup_steps,
+                "validation_prompts": list(validation_prompts or []),
+                "sample_steps": sample_steps,
+                "guidance_scale": guidance_scale,
+                "timestep_buckets": timestep_buckets,
+                "max_nonfinite_steps": max_nonfinite_steps,
+            }
+        )
+        self.autoencoder = autoencoder_module.eval().requires_grad_(False)
+        self.text_encoder = hydra.utils.instantiate(text_encoder)
+        self.text_encoder.requires_grad_(False)
+        self.unet = hydra.utils.instantiate(model)
+        self.ema = EMA(self.unet, decay=ema_decay, warmup=ema_warmup)
+        self.schedule = hydra.utils.instantiate(schedule)
+        # 0 means "not measured yet"; the buffer goes into checkpoints, so a resumed run reuses it.
+        self.register_buffer("scale_factor", torch.tensor(float(scale_factor or 0.0), dtype=torch.float64))
+        self.nonfinite = NonFiniteGuard(max_nonfinite_steps)
+
+    @staticmethod
+    def _autoencoder_from_checkpoint(path: str | None) -> tuple[nn.Module, dict]:
+        if not path:
+            raise FileNotFoundError(
+                "stage=ldm needs a trained autoencoder: set autoencoder_ckpt=PATH/TO/last.ckpt "
+                "(train one first with `python train.py stage=autoencoder`)."
+            )
+        if not Path(path).is_file():
+            raise FileNotFoundError(
+                f"Autoencoder checkpoint {path} does not exist. Train one first with "
+                "`python train.py stage=autoencoder`, then pass autoencoder_ckpt=<run_dir>/checkpoints/last.ckpt."
+            )
+        ckpt = read_checkpoint(path)
+        return load_autoencoder(path), ckpt["hyper_parameters"]["model"]
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> "LatentDiffusionModule":
+        """Rebuilds a trained module from its checkpoint alone (no YAML, no stage-1 file, no download)."""
+        ckpt = read_checkpoint(path)
+        stage = ckpt.get("ldm_stage")
+        if stage != STAGE:
+            raise CheckpointStageError(
+                f"{path} is a {stage!r} checkpoint, not a stage-2 (ldm) one. Sampling needs a checkpoint "
+                "of `python train.py stage=ldm`." if stage else f"{path} is not a checkpoint written by ldm's train.py."
+            )
+        hparams = dict(ckpt["hyper_parameters"])
+        hparams.pop("stage", None)
+        hparams["text_encoder"] = {**hparams["text_encoder"], "pretrained": None, "weights_path": None}
+        module = cls(**hparams, autoencoder_ckpt=None)
+        module.load_state_dict(ckpt["state_dict"], strict=True)
+        return module.to(map_location).eval()
+
+    def train(self, mode: bool = True) -> "LatentDiffusionModule":
+        super().train(mode)
+        self.autoencoder.eval()
+        self.text_encoder.eval()
+        return self
+
+    # --- conditioning and latents -------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_text(self, captions: list[str]) -> Tensor:
+        with torch.autocast(self.device.type, enabled=False):
+            return self.text_encoder(list(captions)).to(self.device).float()
+
+    def drop_captions(self, captions: list[str], generator: torch.Generator | None = None) -> list[str]:
+        """Replaces each caption by "" with probability `caption_dropout`: the same empty prompt that
+        classifier-free guidance uses as its unconditional input at sampling time."""
+        p = self.hparams.caption_dropout
+        drop = torch.rand(len(captions), generator=generator) < p
+        return ["" if d else c for c, d in zip(captions, drop.tolist())]
+
+    @torch.no_grad()
+    def encode_images(self, x: Tensor) -> Tensor:
+        with torch.autocast(self.device.type, enabled=False):
+            z = self.autoencoder.encode(x.float()).sample()
+        return z * self.scale_factor.float()
+
+    @torch.no_grad()
+    def decode_latents(self, z: Tensor) -> Tensor:
+        with torch.autocast(self.device.type, enabled=False):
+            return self.autoencoder.decode(z.float() / self.scale_factor.float()).clamp(-1, 1)
+
+    @torch.no_grad()
+    def measure_scale_factor(self, batches) -> float:
+        """1 / std of the autoencoder's latents over `batches`, all-reduced over every rank."""
+        stats = torch.zeros(3, dtype=torch.float64, device=self.device)
+        for batch in batches:
+            with torch.autocast(self.device.type, enabled=False):
+                z = self.autoencoder.encode(batch["image"].to(self.device).float()).sample().double()
+            stats += torch.stack([z.sum(), z.square().sum(), torch.tensor(float(z.numel()), device=self.device, dtype=torch.float64)])
+        if self._trainer is not None:
+            stats = self.trainer.strategy.reduce(stats, reduce_op="sum")
+        mean = stats[0] / stats[2]
+        std = (stats[1] / stats[2] - mean.square()).sqrt()
+        return float(1.0 / std)
+
+    def on_train_start(self) -> None:
+        if float(self.scale_factor) > 0:
+            log.info("Latent scale factor: %.5f (from config or checkpoint; not re-measured)", float(self.scale_factor))
+            return
+        n = self.hparams.scale_factor_batches
+        loader = self.trainer.train_dataloader
+        batches = (b for _, b in zip(range(n), loader))
+        self.scale_factor.fill_(self.measure_scale_factor(batches))
+        log.info("Latent scale factor measured over %d batches on every rank: %.5f", n, float(self.scale_factor))
+
+    # --- training ---------------------------------------------------------------------------
+
+    def diffusion_loss(self, z0: Tensor, context: Tensor, t: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
+        """Weighted per-sample loss (B,) and the batch mean."""
+        z_t = self.schedule.q_sample(z0, t, noise)
+        target = diffusion_target(self.schedule, z0, noise, t, prediction=self.hparams.prediction)
+        pred = self.unet(z_t, t, context)
+        per_sample = (pred.float() - target.float()).square().mean(dim=(1, 2, 3))
+        weights = loss_weight(self.schedule, t, self.hparams.loss_weighting, self.hparams.min_snr_gamma, self.hparams.prediction)
+        per_sample = per_sample * weights
+        return per_sample, per_sample.mean()
+
+    def _noise_and_t(self, z0: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        t = torch.randint(0, self.schedule.num_timesteps, (z0.shape[0],), device=z0.device, generator=generator)
+        if self.hparams.offset_noise > 0:
+            noise = offset_noise(z0, self.hparams.offset_noise, generator=generator)
+        else:
+            noise = torch.randn(z0.shape, device=z0.device, dtype=z0.dtype, generator=generator)
+        return noise, t
+
+    def _bucket_logs(self, per_sample: Tensor, t: Tensor, split: str) -> dict[str, Tensor]:
+        n = self.hparams.timestep_buckets
+        edges = torch.linspace(0, self.schedule.num_timesteps, n + 1, device=t.device)
+        logs = {}
+        for i in range(n):
+            mask = ((t >= edges[i]) & (t < edges[i + 1])).float()
+            logs[f"{split}/loss_t{int(edges[i])}-{int(edges[i + 1]) - 1}"] = (per_sample.detach() * mask).sum() / mask.sum().clamp(min=1)
+        return logs
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
+        z0 = self.encode_images(batch["image"])
+        context = self.encode_text(self.drop_captions(batch["caption"]))
+        noise, t = self._noise_and_t(z0)
+        per_sample, loss = self.diffusion_loss(z0, context, t, noise)
+        if not self.nonfinite.check(loss, self.global_step):
+            return None
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        self.log_dict(self._bucket_logs(per_sample, t, "train"), on_step=True, on_epoch=False)
+        return loss
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        """Called by Lightning once per real optimizer step (after gradient accumulation)."""
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        self.ema.update(self.unet)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        generator = torch.Generator(device=self.device).manual_seed(1000 + batch_idx)
+        z0 = self.encode_images(batch["image"])
+        context = self.encode_text(batch["caption"])
+        noise, t = self._noise_and_t(z0, generator=generator)
+        with self.ema.swap(self.unet):
+            per_sample, loss = self.diffusion_loss(z0, context, t, noise)
+        self.log("val/loss", loss, on_epoch=True, sync_dist=True, prog_bar=True)
+        self.log_dict(self._bucket_logs(per_sample, t, "val"), on_epoch=True, sync_dist=True)
+
+    def configure_optimizers(self) -> dict:
+        optimizer = hydra.utils.instantiate(self.hparams.optimizer)(self.unet.parameters())
+        warmup = max(1, self.hparams.lr_warmup_steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # --- sampling ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def sample(
+        self,
+        prompts: list[str],
+        sampler: Any,
+        guidance_scale: float,
+        height: int,
+        width: int,
+        generator: torch.Generator | None = None,
+        negative_prompt: str = "",
+        use_ema: bool = True,
+        progress: bool = False,
+    ) -> Tensor:
+        """Images in [-1, 1] for `prompts`, sampled with classifier-free guidance."""
+        f = self.autoencoder.downsample_factor
+        shape = (len(prompts), self.autoencoder.latent_channels, height // f, width // f)
+        context = self.encode_text(prompts)
+        uncond = self.encode_text([negative_prompt] * len(prompts))
+        with torch.autocast(self.device.type, enabled=False):
+            if use_ema:
+                with self.ema.swap(self.unet):
+                    z = generate_latents(self.unet, sampler, context, uncond, guidance_scale, shape, generator, self.device, progress)
+            else:
+                z = generate_latents(self.unet, sampler, context, uncond, guidance_scale, shape, generator, self.device, progress)
+        return self.decode_latents(z)
+
+    @torch.no_grad()
+    def log_images(self, batch: dict) -> dict[str, Tensor]:
+        from ldm.diffusion.samplers import DDIMSampler
+
+        prompts = self.hparams.validation_prompts or list(batch["caption"])
+        size = batch["image"].shape[-1]
+        sampler = DDIMSampler(self.schedule, self.hparams.sample_steps, eta=0.0)
+        generator = torch.Generator(device=self.device).manual_seed(0)
+        guided = self.sample(prompts, sampler, self.hparams.guidance_scale, size, size, generator=generator)
+        generator = torch.Generator(device=self.device).manual_seed(0)
+        unguided = self.sample(prompts, sampler, 1.0, size, size, generator=generator)
+        return {"samples": to_grid([guided, unguided], nrow=min(len(prompts), 8))}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["ldm_stage"] = STAGE
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        stage = checkpoint.get("ldm_stage")
+        if stage != STAGE:
+            raise CheckpointStageError(f"This is a {stage!r} checkpoint; stage=ldm can only resume from a stage-2 checkpoint.")
+
+
