@@ -1,0 +1,185 @@
+"""A procedural detector for ShapesDataset-style images: reads back colour, shape, size, position and
+background, so that "does a generated 'red circle' contain a red circle?" becomes a number.
+
+No learning, and deliberately tolerant of what an autoencoder or a diffusion model does to an image
+(blur, noise, colour shifts): nothing depends on exact pixel values or a fixed threshold.
+
+- background: the median of the border pixels, named by the nearest background colour;
+- foreground: each pixel's distance from that background, relative to the 99.5th percentile of all
+  distances (so a faint or shifted shape is still found); the mask is where it exceeds one half;
+- colour: the median of the confidently-foreground pixels, named by the nearest shape colour;
+- shape: from the mask's bounding box, the *fill* (foreground mass / box area: square ~1, circle ~0.785,
+  triangle ~0.5) and the share of the mass in the box's upper half (an upward triangle ~0.25,
+  circle and square ~0.5). The mass is the soft, distance-weighted coverage, which blur conserves;
+- size: the longer side of the bounding box against the image side; position: the box centre on the
+  3x3 grid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from ldm.data.shapes import BACKGROUNDS, COLOURS, HALF_EXTENT, SHAPE_COLOURS, grid_cell
+
+ATTRIBUTES: tuple[str, ...] = ("colour", "shape", "size", "position", "background")
+NOT_FOUND = "none"
+
+MIN_CONTRAST = 24.0
+"""99.5th-percentile distance (0-255 RGB units) below which the image is taken to hold no shape."""
+MASK_LEVEL = 0.5
+CORE_LEVEL = 0.75
+NOISE_LEVEL = 0.15
+MARGIN = 2
+SQUARE_MIN_FILL = 0.88
+TRIANGLE_MAX_FILL = 0.66
+TRIANGLE_MAX_TOP_SHARE = 0.42
+LARGE_MIN_EXTENT = HALF_EXTENT["small"] + HALF_EXTENT["large"]
+"""Bounding-box side (fraction of the image side) halfway between a small (2 x 0.075) and a large (2 x 0.15) shape."""
+
+_BACKGROUND_RGB = np.array([COLOURS[name] for name in BACKGROUNDS], dtype=np.float32)
+_SHAPE_RGB = np.array([COLOURS[name] for name in SHAPE_COLOURS], dtype=np.float32)
+
+
+def to_uint8_image(image: np.ndarray | torch.Tensor) -> np.ndarray:
+    """An ``H x W x 3`` uint8 array, or a ``3 x H x W`` tensor in [-1, 1] -> ``H x W x 3`` uint8 array.
+
+    Converted with numpy: torch's ops on small tensors stall when the cores are oversubscribed.
+    """
+    if isinstance(image, torch.Tensor):
+        if image.dim() != 3 or image.shape[0] != 3:
+            raise ValueError(f"expected a 3 x H x W tensor in [-1, 1], got shape {tuple(image.shape)}")
+        values = image.detach().to("cpu", torch.float32).numpy()
+        return np.rint((np.clip(values, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8).transpose(1, 2, 0)
+    array = np.asarray(image)
+    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
+        raise ValueError(f"expected an H x W x 3 uint8 array, got {array.dtype} {array.shape}")
+    return array
+
+
+def _nearest(rgb: np.ndarray, palette: np.ndarray, names: Sequence[str]) -> str:
+    return names[int(np.argmin(np.linalg.norm(palette - rgb, axis=1)))]
+
+
+def _drop_isolated(mask: np.ndarray) -> np.ndarray:
+    """Remove mask pixels none of whose 4-neighbours is in the mask (speckle from noise)."""
+    padded = np.pad(mask, 1)
+    neighbours = padded[:-2, 1:-1] | padded[2:, 1:-1] | padded[1:-1, :-2] | padded[1:-1, 2:]
+    return mask & neighbours
+
+
+def _half_level_span(coverage: np.ndarray) -> tuple[float, float]:
+    """Sub-pixel leftmost and rightmost points, over all rows, where ``coverage`` crosses 1/2.
+
+    Pixel ``j`` spans ``[j, j + 1)`` and its value sits at ``j + 0.5``; crossings are linearly
+    interpolated between neighbouring pixel centres, so the span of a shape a few pixels wide is not
+    rounded to whole pixels.
+    """
+    padded = np.pad(coverage, ((0, 0), (1, 1)))
+    above = padded >= 0.5
+    rows = np.nonzero(above.any(axis=1))[0]
+    first = above[rows].argmax(axis=1)
+    last = above.shape[1] - 1 - above[rows, ::-1].argmax(axis=1)
+    inner, outer = padded[rows, first], padded[rows, first - 1]
+    lefts = first - 1.5 + (0.5 - outer) / (inner - outer)
+    inner, outer = padded[rows, last], padded[rows, last + 1]
+    rights = last - 0.5 + (inner - 0.5) / (inner - outer)
+    return float(lefts.min()), float(rights.max())
+
+
+def measure(image: np.ndarray | torch.Tensor) -> dict[str, float | str | None]:
+    """The raw cues ``detect`` decides from (useful to calibrate or debug it)."""
+    rgb = to_uint8_image(image).astype(np.float32)
+    height, width = rgb.shape[:2]
+    border = np.concatenate([rgb[0], rgb[-1], rgb[1:-1, 0], rgb[1:-1, -1]])
+    background_rgb = np.median(border, axis=0)
+    distance = np.linalg.norm(rgb - background_rgb, axis=-1)
+    peak = float(np.percentile(distance, 99.5))
+    cues: dict[str, float | str | None] = {
+        "background": _nearest(background_rgb, _BACKGROUND_RGB, BACKGROUNDS),
+        "peak": peak,
+        "colour": None,
+    }
+    if peak < MIN_CONTRAST:
+        return cues
+    mask = _drop_isolated(distance > MASK_LEVEL * peak)
+    if not mask.any():
+        return cues
+    rows, cols = np.nonzero(mask)
+    top, bottom, left, right = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+    core = distance > CORE_LEVEL * peak
+    contrast = float(np.median(distance[core]))
+    window_top, window_left = max(top - MARGIN, 0), max(left - MARGIN, 0)
+    coverage = np.clip(distance[window_top : bottom + MARGIN, window_left : right + MARGIN] / contrast, 0.0, 1.0)
+    coverage[coverage < NOISE_LEVEL] = 0.0
+    x0, x1 = _half_level_span(coverage)
+    y0, y1 = _half_level_span(coverage.T)
+    mass = float(coverage.sum())
+    row_mass = coverage.sum(axis=1)
+    row_centres = np.arange(coverage.shape[0]) + 0.5
+    upper_mass = float(row_mass @ np.clip((y0 + y1) / 2.0 - (row_centres - 0.5), 0.0, 1.0))
+    cues.update(
+        colour=_nearest(np.median(rgb[core], axis=0), _SHAPE_RGB, SHAPE_COLOURS),
+        fill=mass / max((x1 - x0) * (y1 - y0), 1.0),
+        top_share=upper_mass / mass,
+        extent=max(x1 - x0, y1 - y0) / max(height, width),
+        centre_x=(window_left + (x0 + x1) / 2.0) / width,
+        centre_y=(window_top + (y0 + y1) / 2.0) / height,
+    )
+    return cues
+
+
+def _shape_from(fill: float, top_share: float) -> str:
+    if top_share < TRIANGLE_MAX_TOP_SHARE or fill < TRIANGLE_MAX_FILL:
+        return "triangle"
+    return "square" if fill >= SQUARE_MIN_FILL else "circle"
+
+
+def detect(image: np.ndarray | torch.Tensor) -> dict[str, str]:
+    """Read ``colour``, ``shape``, ``size``, ``position`` and ``background`` off one image.
+
+    ``image``: ``H x W x 3`` uint8 array or ``3 x H x W`` tensor in [-1, 1]. When no shape stands out
+    from the background, every attribute but ``background`` is ``"none"``.
+    """
+    cues = measure(image)
+    if cues["colour"] is None:
+        return {name: NOT_FOUND for name in ATTRIBUTES} | {"background": cues["background"]}
+    return {
+        "colour": cues["colour"],
+        "shape": _shape_from(cues["fill"], cues["top_share"]),
+        "size": "large" if cues["extent"] >= LARGE_MIN_EXTENT else "small",
+        "position": grid_cell(cues["centre_x"], cues["centre_y"]),
+        "background": cues["background"],
+    }
+
+
+def detect_batch(images: torch.Tensor | Sequence[np.ndarray | torch.Tensor]) -> list[dict[str, str]]:
+    """``detect`` over a ``B x 3 x H x W`` tensor in [-1, 1] or a sequence of single images."""
+    return [detect(image) for image in images]
+
+
+def score(
+    images: torch.Tensor | Sequence[np.ndarray | torch.Tensor],
+    attributes_list: Sequence[Mapping[str, str]],
+) -> dict[str, float]:
+    """Accuracy of each attribute the expected dicts name, and ``all`` (every named attribute right).
+
+    ``images``: a ``B x 3 x H x W`` tensor in [-1, 1] (a decoded batch) or a sequence of single
+    images; ``attributes_list``: the intended attributes of each, e.g. ``ShapesDataset.attributes(i)``.
+    """
+    if len(images) != len(attributes_list):
+        raise ValueError(f"{len(images)} images but {len(attributes_list)} attribute dicts")
+    if len(attributes_list) == 0:
+        raise ValueError("score needs at least one image")
+    names = [name for name in ATTRIBUTES if all(name in expected for expected in attributes_list)]
+    correct = dict.fromkeys(names, 0)
+    all_correct = 0
+    for found, expected in zip(detect_batch(images), attributes_list):
+        hits = {name: found[name] == expected[name] for name in names}
+        for name, hit in hits.items():
+            correct[name] += hit
+        all_correct += all(hits.values())
+    count = len(attributes_list)
+    return {name: hits / count for name, hits in correct.items()} | {"all": all_correct / count}
