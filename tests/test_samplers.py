@@ -179,6 +179,23 @@ def test_eps_prediction_at_zero_snr_is_rejected() -> None:
     assert torch.isfinite(x).all()
 
 
+@pytest.mark.parametrize("name,kwargs", [("ddpm", {}), ("ddim", {"eta": 1.0}), ("euler", {}), ("euler_a", {"karras": True}), ("dpmpp_2m", {})])
+def test_sampling_loop_never_reads_tensor_values_on_the_host(name: str, kwargs: dict) -> None:
+    """On the meta device any .item(), bool() or Python branch on a tensor raises, so a loop that
+    runs there has no per-step host synchronisation on a GPU either."""
+    x_T = torch.randn(SHAPE, device="meta")
+    mask = torch.ones(1, 1, 8, 8, device="meta")
+    with pytest.raises(RuntimeError, match="meta"):
+        torch.ones(1, device="meta").item()
+    sampler = build_sampler(name, NoiseSchedule(), 5, **kwargs)
+    out = sampler.sample(toy_model_meta, x_T, progress=False, x0=torch.zeros_like(x_T), mask=mask, strength=0.8)
+    assert out.device.type == "meta" and out.shape == SHAPE
+
+
+def toy_model_meta(x: Tensor, t: Tensor) -> Tensor:
+    return torch.tanh(x) * t.view(-1, 1, 1, 1)
+
+
 # --- img2img and inpainting -------------------------------------------------------------------
 
 ALL_SAMPLERS = [("ddpm", {}), ("ddim", {}), ("ddim", {"eta": 1.0}), ("euler", {}), ("euler_a", {}), ("dpmpp_2m", {}), ("euler", {"karras": True})]

@@ -8,6 +8,7 @@ Python floats: no host synchronisation and no branching on tensor values.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from typing import Callable
 
 import torch
@@ -86,7 +87,7 @@ def randn(x: Tensor, generator: torch.Generator | None) -> Tensor:
     return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
 
 
-class Sampler:
+class Sampler(ABC):
     """A grid of `steps` model evaluations from noise to data.
 
     Subclasses set, in float64 on the host:
@@ -116,10 +117,10 @@ class Sampler:
     def __repr__(self) -> str:
         return f"{type(self).__name__}(steps={self.steps}, spacing={self.spacing!r}, prediction={self.prediction!r})"
 
+    @abstractmethod
     def step(self, model: Model, x: Tensor, t: Tensor, i: int, previous: Tensor | None, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
         """One step from grid point i to i + 1. Returns the new state and the model's x_0 estimate
         (multistep solvers get the previous step's estimate back as `previous`)."""
-        raise NotImplementedError
 
     def x0_and_eps(self, out: Tensor, x: Tensor, alpha_bar: float) -> tuple[Tensor, Tensor]:
         """The model's x_0 and ε estimates from its output at a variance-preserving x with level ᾱ."""
