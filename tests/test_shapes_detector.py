@@ -100,6 +100,15 @@ def test_plain_image_has_no_shape() -> None:
     }  # fmt: skip
 
 
+def test_noise_is_not_a_shape() -> None:
+    """An untrained model's output: texture everywhere is no shape, and must not score as one."""
+    image = np.full((64, 64, 3), COLOURS["black"], dtype=np.uint8)
+    image[4:60, 4:60] = np.random.default_rng(0).integers(0, 256, size=(56, 56, 3), dtype=np.uint8)
+    found = detect(image)
+    assert found["background"] == "black"
+    assert found["shape"] == found["size"] == found["position"] == NOT_FOUND
+
+
 def test_score_counts_each_attribute_separately() -> None:
     images, attributes = shapes_batch(20)
     wrong = [dict(a) for a in attributes]

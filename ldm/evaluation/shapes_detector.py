@@ -5,14 +5,15 @@ No learning, and deliberately tolerant of what an autoencoder or a diffusion mod
 (blur, noise, colour shifts): nothing depends on exact pixel values or a fixed threshold.
 
 - background: the median of the border pixels, named by the nearest background colour;
-- foreground: each pixel's distance from that background, relative to the 99.5th percentile of all
-  distances (so a faint or shifted shape is still found); the mask is where it exceeds one half;
-- colour: the median of the confidently-foreground pixels, named by the nearest shape colour;
-- shape: from the mask's bounding box, the *fill* (foreground mass / box area: square ~1, circle ~0.785,
-  triangle ~0.5) and the share of the mass in the box's upper half (an upward triangle ~0.25,
-  circle and square ~0.5). The mass is the soft, distance-weighted coverage, which blur conserves;
-- size: the longer side of the bounding box against the image side; position: the box centre on the
-  3x3 grid.
+- foreground: each pixel's colour distance from that background, against the 99.5th percentile of all
+  distances (so a faint or colour-shifted shape is still found); the mask is where it exceeds half;
+- colour: the median of the pixels above three quarters of it, named by the nearest shape colour;
+- shape: the soft coverage (distance / the shape's contrast, in [0, 1]) is summed around the mask:
+  blur moves that mass but conserves it. Its box is where the coverage crosses 1/2, to sub-pixel
+  precision (whole pixels are too coarse for a shape 10 pixels wide). *fill* = mass / box area
+  (square ~1, circle ~0.785, triangle ~0.5) and the share of the mass in the box's upper half
+  (upward triangle ~0.25, circle and square ~0.5) decide;
+- size: the longer side of the box against the image side; position: the box centre on the 3x3 grid.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ TRIANGLE_MAX_FILL = 0.66
 TRIANGLE_MAX_TOP_SHARE = 0.42
 LARGE_MIN_EXTENT = HALF_EXTENT["small"] + HALF_EXTENT["large"]
 """Bounding-box side (fraction of the image side) halfway between a small (2 x 0.075) and a large (2 x 0.15) shape."""
+MAX_EXTENT = 0.45
+"""Beyond this bounding-box side the foreground is no single shape of the vocabulary (e.g. texture or
+noise from an untrained model): only its colour is reported."""
 
 _BACKGROUND_RGB = np.array([COLOURS[name] for name in BACKGROUNDS], dtype=np.float32)
 _SHAPE_RGB = np.array([COLOURS[name] for name in SHAPE_COLOURS], dtype=np.float32)
@@ -110,7 +114,7 @@ def measure(image: np.ndarray | torch.Tensor) -> dict[str, float | str | None]:
     rows, cols = np.nonzero(mask)
     top, bottom, left, right = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
     core = distance > CORE_LEVEL * peak
-    contrast = float(np.median(distance[core]))
+    contrast = min(float(np.median(distance[core])), peak)
     window_top, window_left = max(top - MARGIN, 0), max(left - MARGIN, 0)
     coverage = np.clip(distance[window_top : bottom + MARGIN, window_left : right + MARGIN] / contrast, 0.0, 1.0)
     coverage[coverage < NOISE_LEVEL] = 0.0
@@ -140,12 +144,15 @@ def _shape_from(fill: float, top_share: float) -> str:
 def detect(image: np.ndarray | torch.Tensor) -> dict[str, str]:
     """Read ``colour``, ``shape``, ``size``, ``position`` and ``background`` off one image.
 
-    ``image``: ``H x W x 3`` uint8 array or ``3 x H x W`` tensor in [-1, 1]. When no shape stands out
-    from the background, every attribute but ``background`` is ``"none"``.
+    ``image``: ``H x W x 3`` uint8 array or ``3 x H x W`` tensor in [-1, 1]. When nothing stands out
+    from the background, every attribute but ``background`` is ``"none"``; when the foreground is
+    too big to be one shape, so are all but ``colour`` and ``background``.
     """
     cues = measure(image)
     if cues["colour"] is None:
         return {name: NOT_FOUND for name in ATTRIBUTES} | {"background": cues["background"]}
+    if cues["extent"] > MAX_EXTENT:
+        return {name: NOT_FOUND for name in ATTRIBUTES} | {"colour": cues["colour"], "background": cues["background"]}
     return {
         "colour": cues["colour"],
         "shape": _shape_from(cues["fill"], cues["top_share"]),
