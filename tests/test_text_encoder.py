@@ -225,7 +225,7 @@ def test_tiny_config_instantiates_through_hydra(repo_root) -> None:
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.load(os.path.join(repo_root, "configs/model/text_encoder/tiny.yaml"))
+    cfg = OmegaConf.load(os.path.join(repo_root, "configs/text_encoder/tiny.yaml"))
     encoder = instantiate(cfg)
     assert isinstance(encoder, OpenCLIPTextEncoder)
     assert encoder.output_dim == cfg.model_cfg.text_cfg.width
@@ -240,7 +240,7 @@ def test_tiny_config_instantiates_through_hydra(repo_root) -> None:
 def test_named_configs_point_at_open_clip_architectures(repo_root, name, arch, width) -> None:
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.load(os.path.join(repo_root, f"configs/model/text_encoder/{name}.yaml"))
+    cfg = OmegaConf.load(os.path.join(repo_root, f"configs/text_encoder/{name}.yaml"))
     assert cfg._target_ == "ldm.modules.text_encoder.OpenCLIPTextEncoder"
     assert cfg.arch == arch
     assert open_clip.get_model_config(arch)["text_cfg"]["width"] == width

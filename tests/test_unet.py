@@ -15,7 +15,7 @@ from torch import nn
 from ldm.modules.timestep import timestep_embedding
 from ldm.modules.unet import UNetModel
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "model" / "unet"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "model"
 SD_PREFIX = "model.diffusion_model."
 
 
@@ -194,10 +194,10 @@ def test_full_size_sd_unet_matches_diffusers(name: str) -> None:
 
 
 def test_sd_state_dict_loads_strictly_from_a_checkpoint() -> None:
-    source = randomize_(build_unet("tiny"))
+    source = randomize_(build_unet("unet_tiny"))
     checkpoint = {SD_PREFIX + k: v.clone() for k, v in source.state_dict().items()}
     checkpoint["first_stage_model.encoder.conv_in.weight"] = torch.zeros(1)
-    target = build_unet("tiny")
+    target = build_unet("unet_tiny")
     unet_weights = {k.removeprefix(SD_PREFIX): v for k, v in checkpoint.items() if k.startswith(SD_PREFIX)}
     target.load_state_dict(unet_weights, strict=True)
     x, t, c = torch.randn(1, 4, 16, 16), torch.tensor([5]), torch.randn(1, 3, 64)
@@ -206,7 +206,7 @@ def test_sd_state_dict_loads_strictly_from_a_checkpoint() -> None:
 
 
 def test_float_and_integer_timesteps_agree() -> None:
-    model = randomize_(build_unet("tiny")).eval()
+    model = randomize_(build_unet("unet_tiny")).eval()
     x, c = torch.randn(2, 4, 16, 16), torch.randn(2, 5, 64)
     with torch.no_grad():
         assert torch.equal(model(x, torch.tensor([7, 400]), c), model(x, torch.tensor([7.0, 400.0]), c))
@@ -224,7 +224,7 @@ def gradients(model: nn.Module, x: torch.Tensor, t: torch.Tensor, c: torch.Tenso
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
 def test_gradient_checkpointing_gives_the_same_gradients(autocast: bool) -> None:
-    plain = randomize_(build_unet("tiny")).train()
+    plain = randomize_(build_unet("unet_tiny")).train()
     checkpointed = copy.deepcopy(plain)
     checkpointed.gradient_checkpointing = True
     generator = torch.Generator().manual_seed(2)
@@ -242,7 +242,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(autocast: bool) -> None
 
 def test_gradient_checkpointing_recomputes_under_autocast() -> None:
     """The recomputed forward must run in bf16 like the first one (the CompVis checkpoint ran it in fp32)."""
-    model = randomize_(build_unet("tiny", gradient_checkpointing=True)).train()
+    model = randomize_(build_unet("unet_tiny", gradient_checkpointing=True)).train()
     dtypes: list[torch.dtype] = []
     target = model.middle_block[1].transformer_blocks[0].attn1.to_q
     target.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
@@ -254,7 +254,7 @@ def test_gradient_checkpointing_recomputes_under_autocast() -> None:
 
 def test_tiny_unet_fits_a_batch() -> None:
     torch.manual_seed(0)
-    model = build_unet("tiny").train()
+    model = build_unet("unet_tiny").train()
     x, c = torch.randn(4, 4, 16, 16), torch.randn(4, 5, 64)
     t = torch.tensor([50, 200, 600, 900])
     target = torch.randn(4, 4, 16, 16)
@@ -270,14 +270,14 @@ def test_tiny_unet_fits_a_batch() -> None:
 
 
 def test_tiny_config_size() -> None:
-    model = build_unet("tiny")
+    model = build_unet("unet_tiny")
     assert 1_000_000 <= sum(p.numel() for p in model.parameters()) <= 3_000_000
 
 
 @pytest.mark.slow
 def test_tiny_unet_training_step_time() -> None:
     """Reports fwd+bwd time of the tiny UNet on a batch of 32 4x16x16 latents (run with -s to see it)."""
-    model = build_unet("tiny").train()
+    model = build_unet("unet_tiny").train()
     x, t, c = torch.randn(32, 4, 16, 16), torch.randint(0, 1000, (32,)), torch.randn(32, 8, 64)
     for autocast in (False, True):
         timings = []

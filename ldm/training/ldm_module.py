@@ -194,11 +194,12 @@ class LatentDiffusionModule(pl.LightningModule):
 
     # --- training ---------------------------------------------------------------------------
 
-    def diffusion_loss(self, z0: Tensor, context: Tensor, t: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
+    def diffusion_loss(self, z0: Tensor, context: Tensor, t: Tensor, noise: Tensor, unet: nn.Module | None = None) -> tuple[Tensor, Tensor]:
         """Weighted per-sample loss (B,) and the batch mean."""
+        unet = unet or self.unet
         z_t = self.schedule.q_sample(z0, t, noise)
         target = diffusion_target(self.schedule, z0, noise, t, prediction=self.hparams.prediction)
-        pred = self.unet(z_t, t, context)
+        pred = unet(z_t, t, context)
         per_sample = (pred.float() - target.float()).square().mean(dim=(1, 2, 3))
         weights = loss_weight(self.schedule, t, self.hparams.loss_weighting, self.hparams.min_snr_gamma, self.hparams.prediction)
         per_sample = per_sample * weights
@@ -242,8 +243,7 @@ class LatentDiffusionModule(pl.LightningModule):
         z0 = self.encode_images(batch["image"])
         context = self.encode_text(batch["caption"])
         noise, t = self._noise_and_t(z0, generator=generator)
-        with self.ema.swap(self.unet):
-            per_sample, loss = self.diffusion_loss(z0, context, t, noise)
+        per_sample, loss = self.diffusion_loss(z0, context, t, noise, unet=self.ema.module)
         self.log("val/loss", loss, on_epoch=True, sync_dist=True, prog_bar=True)
         self.log_dict(self._bucket_logs(per_sample, t, "val"), on_epoch=True, sync_dist=True)
 
@@ -273,12 +273,8 @@ class LatentDiffusionModule(pl.LightningModule):
         shape = (len(prompts), self.autoencoder.latent_channels, height // f, width // f)
         context = self.encode_text(prompts)
         uncond = self.encode_text([negative_prompt] * len(prompts))
-        with torch.autocast(self.device.type, enabled=False):
-            if use_ema:
-                with self.ema.swap(self.unet):
-                    z = generate_latents(self.unet, sampler, context, uncond, guidance_scale, shape, generator, self.device, progress)
-            else:
-                z = generate_latents(self.unet, sampler, context, uncond, guidance_scale, shape, generator, self.device, progress)
+        unet = self.ema.module if use_ema else self.unet
+        z = generate_latents(unet, sampler, context, uncond, guidance_scale, shape, generator, self.device, progress)
         return self.decode_latents(z)
 
     @torch.no_grad()
