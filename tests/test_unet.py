@@ -255,12 +255,12 @@ def test_gradient_checkpointing_recomputes_under_autocast() -> None:
 def test_tiny_unet_fits_a_batch() -> None:
     torch.manual_seed(0)
     model = build_unet("unet_tiny").train()
-    x, c = torch.randn(4, 4, 16, 16), torch.randn(4, 5, 64)
-    t = torch.tensor([50, 200, 600, 900])
-    target = torch.randn(4, 4, 16, 16)
+    x, c = torch.randn(2, 4, 16, 16), torch.randn(2, 5, 64)
+    t = torch.tensor([50, 900])
+    target = torch.randn(2, 4, 16, 16)
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
     losses = []
-    for _ in range(30):
+    for _ in range(15):
         loss = (model(x, t, c) - target).square().mean()
         optimizer.zero_grad()
         loss.backward()
