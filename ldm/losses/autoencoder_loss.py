@@ -108,7 +108,7 @@ class AutoencoderLoss(nn.Module):
         batch = inputs.shape[0]
         inputs, reconstructions = inputs.float(), reconstructions.float()
         rec_l1 = (inputs - reconstructions).abs()
-        if self.perceptual is not None:
+        if self.perceptual is not None and self.perceptual_weight != 0:
             perceptual = self.perceptual(inputs, reconstructions).float()
         else:
             perceptual = rec_l1.new_zeros(batch, 1, 1, 1)
