@@ -256,7 +256,8 @@ class DiagonalGaussianDistribution:
         """KL divergence to ``N(0, I)``, summed over channels and space: shape ``(B,)``."""
         if self.deterministic:
             return torch.zeros(self.mean.shape[0], device=self.mean.device, dtype=self.mean.dtype)
-        return 0.5 * torch.sum(self.mean.pow(2) + self.var - 1.0 - self.logvar, dim=[1, 2, 3])
+        mean, logvar = self.mean.float(), self.logvar.float()
+        return 0.5 * torch.sum(mean.pow(2) + logvar.exp() - 1.0 - logvar, dim=[1, 2, 3])
 
 
 class KLAutoencoder(nn.Module):

@@ -89,6 +89,8 @@ class AutoencoderModule(pl.LightningModule):
         step = self.generator_step
         reconstructions, posterior = self.autoencoder(x)
 
+        discriminator = self.loss.discriminator
+        discriminator.requires_grad_(False)
         g_loss, g_logs = self.loss.generator_loss(x, reconstructions, posterior, step, self.autoencoder.last_layer)
         if not self.nonfinite.check(g_loss, step):
             opt_ae.zero_grad(set_to_none=True)
@@ -102,6 +104,7 @@ class AutoencoderModule(pl.LightningModule):
         logs = {f"train/{k}": v for k, v in g_logs.items()}
 
         if self.loss.discriminator_active(step):
+            discriminator.requires_grad_(True)
             d_loss, d_logs = self.loss.discriminator_loss(x, reconstructions.detach(), step)
             opt_d.zero_grad(set_to_none=True)
             self.manual_backward(d_loss)

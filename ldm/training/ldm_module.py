@@ -99,6 +99,11 @@ class LatentDiffusionModule(pl.LightningModule):
         self.text_encoder = hydra.utils.instantiate(text_encoder)
         self.text_encoder.requires_grad_(False)
         self.unet = hydra.utils.instantiate(model)
+        if model.get("context_dim", self.text_encoder.output_dim) != self.text_encoder.output_dim:
+            raise ValueError(
+                f"The UNet's context_dim ({model['context_dim']}) differs from the text encoder's width "
+                f"({self.text_encoder.output_dim}): set model.context_dim={self.text_encoder.output_dim} or pick a matching text_encoder."
+            )
         self.ema = EMA(self.unet, decay=ema_decay, warmup=ema_warmup)
         self.schedule = hydra.utils.instantiate(schedule)
         # 0 means "not measured yet"; the buffer goes into checkpoints, so a resumed run reuses it.
@@ -136,6 +141,12 @@ class LatentDiffusionModule(pl.LightningModule):
         module = cls(**hparams, autoencoder_ckpt=None)
         module.load_state_dict(ckpt["state_dict"], strict=True)
         return module.to(map_location).eval()
+
+    def _apply(self, fn, *args, **kwargs):
+        """Moves the (non-Module) noise schedule along with the module's tensors."""
+        result = super()._apply(fn, *args, **kwargs)
+        self.schedule.to(self.scale_factor.device)
+        return result
 
     def train(self, mode: bool = True) -> "LatentDiffusionModule":
         super().train(mode)

@@ -52,8 +52,9 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> pl.Trainer:
             save_top_k=1,
         ),
         ImageLogger(dirpath=str(run_dir / "images")),
-        TQDMProgressBar(refresh_rate=10),
     ]
+    if cfg.trainer.get("enable_progress_bar", True):
+        callbacks.append(TQDMProgressBar(refresh_rate=10))
     logger = _instantiate(cfg.logger, "logger") if cfg.get("logger") else False
     if logger:
         callbacks.append(LearningRateMonitor(logging_interval="step"))

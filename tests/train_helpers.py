@@ -1,0 +1,31 @@
+"""Composing the real Hydra configs for tests, with tiny sizes."""
+
+from __future__ import annotations
+
+import os
+
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+TINY_AUTOENCODER = [
+    "image_size=32",
+    "data.train.length=64",
+    "data.val.length=16",
+    "data.batch_size=8",
+    "model.resolution=32",
+    "loss/perceptual=none",
+    "loss.discriminator.ndf=8",
+    "loss.discriminator.n_layers=2",
+    "trainer.log_every_n_steps=1",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "logger=csv",
+]
+
+
+def compose_config(run_dir: str, overrides: list[str]) -> DictConfig:
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"run_dir={run_dir}", *overrides])
+    return cfg
