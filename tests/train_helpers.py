@@ -29,3 +29,19 @@ def compose_config(run_dir: str, overrides: list[str]) -> DictConfig:
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="train", overrides=[f"run_dir={run_dir}", *overrides])
     return cfg
+
+TINY_LDM = [
+    "stage=ldm",
+    "image_size=32",
+    "data.train.length=64",
+    "data.val.length=16",
+    "data.batch_size=8",
+    "stage.module.sample_steps=4",
+    "stage.module.scale_factor_batches=2",
+    "stage.module.lr_warmup_steps=1",
+    "stage.module.optimizer.lr=1e-3",
+    "trainer.log_every_n_steps=1",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "logger=csv",
+]
