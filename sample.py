@@ -1,0 +1,20 @@
+"""Sample images from a stage-2 checkpoint: `python sample.py ckpt=PATH prompt="a red circle"` (see configs/sample.yaml)."""
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from ldm.sampling import SamplingInputError, sample
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="sample")
+def main(cfg: DictConfig) -> None:
+    try:
+        sample(cfg)
+    except SamplingInputError as err:
+        sys.exit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    main()
