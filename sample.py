@@ -5,11 +5,12 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from ldm.sampling import SamplingInputError, sample
-
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="sample")
 def main(cfg: DictConfig) -> None:
+    # Imported here so that --help and config errors answer without loading torch.
+    from ldm.sampling import SamplingInputError, sample
+
     try:
         sample(cfg)
     except SamplingInputError as err:

@@ -68,16 +68,18 @@ def load_model(ckpt: str | None, device: torch.device) -> LatentDiffusionModule:
 
 
 def sampler_name(target: str) -> str:
-    names = {f"{cls.__module__}.{cls.__name__}": name for name, cls in SAMPLERS.items()}
-    names.update({f"ldm.diffusion.samplers.{cls.__name__}": name for name, cls in SAMPLERS.items()})
-    return names.get(target, target.rsplit(".", 1)[-1])
+    """The config-group name ("ddim", "euler_a", ...) of a sampler class path."""
+    cls = hydra.utils.get_class(target)
+    return next((name for name, known in SAMPLERS.items() if known is cls), cls.__name__)
 
 
-def build_sampler(sampler_cfg: DictConfig, schedule: Any, shortcuts: dict[str, Any]) -> tuple[str, Sampler, dict[str, Any]]:
-    """The sampler of the `sampler` config group over the model's schedule, with the top-level
-    shortcuts (steps, eta, spacing, karras) applied where set. Returns its name, itself and its options."""
+def sampler_from_config(sampler_cfg: DictConfig, schedule: Any, prediction: str, shortcuts: dict[str, Any]) -> tuple[str, Sampler, dict[str, Any]]:
+    """The sampler of the `sampler` config group over the model's schedule and prediction type (eps or
+    v, whatever the sampler config says), with the top-level shortcuts (steps, eta, spacing, karras)
+    applied where set. Returns its name, itself and its options."""
     options = OmegaConf.to_container(sampler_cfg, resolve=True)
     name = sampler_name(options["_target_"])
+    options["prediction"] = prediction
     for key, value in shortcuts.items():
         if value is None:
             continue
@@ -157,7 +159,7 @@ def sample(cfg: DictConfig) -> list[Path]:
         check_image_size(height, width, model.autoencoder.downsample_factor)
     except ValueError as err:
         raise SamplingInputError(str(err)) from err
-    name, sampler, sampler_options = build_sampler(cfg.sampler, model.schedule, {k: cfg.get(k) for k in SAMPLER_SHORTCUTS})
+    name, sampler, sampler_options = sampler_from_config(cfg.sampler, model.schedule, model.hparams.prediction, {k: cfg.get(k) for k in SAMPLER_SHORTCUTS})
     init_image = load_image(cfg.init_image, (width, height), "RGB") * 2 - 1 if cfg.init_image else None
     mask = load_image(cfg.mask, (width, height), "L") if cfg.mask else None
     seed = cfg.seed if cfg.seed is not None else random.randrange(2**31)
