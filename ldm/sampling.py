@@ -111,11 +111,16 @@ def to_pil(image: Tensor) -> Image.Image:
     return Image.fromarray(array.permute(1, 2, 0).numpy())
 
 
-def save_png(image: Tensor, path: Path, metadata: dict[str, Any]) -> None:
+def png_info(metadata: dict[str, Any]) -> PngInfo:
+    """PNG text chunks: strings as they are, anything else as JSON."""
     info = PngInfo()
     for key, value in metadata.items():
         info.add_text(key, value if isinstance(value, str) else json.dumps(value))
-    to_pil(image).save(path, pnginfo=info)
+    return info
+
+
+def save_png(image: Tensor, path: Path, metadata: dict[str, Any]) -> None:
+    to_pil(image).save(path, pnginfo=png_info(metadata))
 
 
 def image_size(cfg: DictConfig, model: LatentDiffusionModule) -> tuple[int, int]:
