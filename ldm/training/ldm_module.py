@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +13,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from ldm.checkpoints import CheckpointStageError, load_autoencoder, read_checkpoint
+from ldm.checkpoints import CheckpointStageError, read_checkpoint, require_stage, sub_state_dict
 from ldm.diffusion.objectives import diffusion_target, loss_weight, offset_noise
+from ldm.diffusion.samplers import DDIMSampler
 from ldm.modules.ema import EMA
 from ldm.pipeline import generate_latents
 from ldm.training.callbacks import to_grid
@@ -25,6 +27,18 @@ STAGE = "ldm"
 
 def _plain(cfg: Any) -> Any:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+
+
+def _build_text_encoder(cfg: dict, weights: Mapping[str, Tensor] | None) -> nn.Module:
+    """The configured text encoder; with `weights`, built directly on them.
+
+    The config is kept as trained (its `pretrained` tag, for one, decides QuickGELU vs GELU for
+    OpenAI CLIP towers), and nothing is downloaded or randomly initialised first.
+    """
+    if weights is None:
+        return hydra.utils.instantiate(cfg)
+    kwargs = {k: v for k, v in cfg.items() if not k.startswith("_")}
+    return hydra.utils.get_class(cfg["_target_"])(**kwargs, state_dict=weights)
 
 
 class LatentDiffusionModule(pl.LightningModule):
@@ -59,16 +73,18 @@ class LatentDiffusionModule(pl.LightningModule):
         guidance_scale: float = 5.0,
         timestep_buckets: int = 4,
         max_nonfinite_steps: int = 10,
+        text_encoder_weights: Mapping[str, Tensor] | None = None,
     ) -> None:
+        """`autoencoder_ckpt` is a stage-1 checkpoint (its config and weights are used); `autoencoder`,
+        a config, builds one whose weights come later (`from_checkpoint`). `text_encoder_weights` builds
+        the text encoder on those tensors instead of its configured source."""
         super().__init__()
         model, text_encoder, schedule, optimizer = map(_plain, (model, text_encoder, schedule, optimizer))
-        if autoencoder is None:
+        if autoencoder_ckpt or autoencoder is None:
             autoencoder_module, autoencoder = self._autoencoder_from_checkpoint(autoencoder_ckpt)
         else:
             autoencoder = _plain(autoencoder)
             autoencoder_module = hydra.utils.instantiate(autoencoder)
-            if autoencoder_ckpt:
-                autoencoder_module = load_autoencoder(autoencoder_ckpt)
         if not 0.0 <= caption_dropout <= 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1], got {caption_dropout}")
         self.save_hyperparameters(
@@ -96,14 +112,15 @@ class LatentDiffusionModule(pl.LightningModule):
             }
         )
         self.autoencoder = autoencoder_module.eval().requires_grad_(False)
-        self.text_encoder = hydra.utils.instantiate(text_encoder)
+        self.text_encoder = _build_text_encoder(text_encoder, text_encoder_weights)
         self.text_encoder.requires_grad_(False)
-        self.unet = hydra.utils.instantiate(model)
-        if model.get("context_dim", self.text_encoder.output_dim) != self.text_encoder.output_dim:
+        width = self.text_encoder.output_dim
+        if model.get("context_dim") != width:
             raise ValueError(
-                f"The UNet's context_dim ({model['context_dim']}) differs from the text encoder's width "
-                f"({self.text_encoder.output_dim}): set model.context_dim={self.text_encoder.output_dim} or pick a matching text_encoder."
+                f"The UNet's context_dim ({model.get('context_dim')}) differs from the text encoder's width "
+                f"({width}): set model.context_dim={width} or pick a matching text_encoder."
             )
+        self.unet = hydra.utils.instantiate(model)
         self.ema = EMA(self.unet, decay=ema_decay, warmup=ema_warmup)
         self.schedule = hydra.utils.instantiate(schedule)
         # 0 means "not measured yet"; the buffer goes into checkpoints, so a resumed run reuses it.
@@ -123,7 +140,12 @@ class LatentDiffusionModule(pl.LightningModule):
                 "`python train.py stage=autoencoder`, then pass autoencoder_ckpt=<run_dir>/checkpoints/last.ckpt."
             )
         ckpt = read_checkpoint(path)
-        return load_autoencoder(path), ckpt["hyper_parameters"]["model"]
+        require_stage(ckpt, "autoencoder", path,
+                      hint="autoencoder_ckpt must be the last.ckpt of a stage-1 run (`python train.py stage=autoencoder`).")
+        config = ckpt["hyper_parameters"]["model"]
+        autoencoder = hydra.utils.instantiate(config)
+        autoencoder.load_state_dict(sub_state_dict(ckpt["state_dict"], "autoencoder."), strict=True)
+        return autoencoder, config
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> "LatentDiffusionModule":
@@ -137,8 +159,8 @@ class LatentDiffusionModule(pl.LightningModule):
             )
         hparams = dict(ckpt["hyper_parameters"])
         hparams.pop("stage", None)
-        hparams["text_encoder"] = {**hparams["text_encoder"], "pretrained": None, "weights_path": None}
-        module = cls(**hparams, autoencoder_ckpt=None)
+        text_encoder_weights = sub_state_dict(ckpt["state_dict"], "text_encoder.")
+        module = cls(**hparams, autoencoder_ckpt=None, text_encoder_weights=text_encoder_weights)
         module.load_state_dict(ckpt["state_dict"], strict=True)
         return module.to(map_location).eval()
 
@@ -207,7 +229,7 @@ class LatentDiffusionModule(pl.LightningModule):
 
     def diffusion_loss(self, z0: Tensor, context: Tensor, t: Tensor, noise: Tensor, unet: nn.Module | None = None) -> tuple[Tensor, Tensor]:
         """Weighted per-sample loss (B,) and the batch mean."""
-        unet = unet or self.unet
+        unet = self.unet if unet is None else unet
         z_t = self.schedule.q_sample(z0, t, noise)
         target = diffusion_target(self.schedule, z0, noise, t, prediction=self.hparams.prediction)
         pred = unet(z_t, t, context)
@@ -216,32 +238,43 @@ class LatentDiffusionModule(pl.LightningModule):
         per_sample = per_sample * weights
         return per_sample, per_sample.mean()
 
-    def _noise_and_t(self, z0: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        t = torch.randint(0, self.schedule.num_timesteps, (z0.shape[0],), device=z0.device, generator=generator)
+    def _draw_t_and_noise(self, z0: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """Timesteps on the CPU (so their buckets are known without reading the device) and noise like z0.
+
+        With a CPU `generator` both are drawn from it, so validation sees the same values on any device.
+        """
+        t = torch.randint(0, self.schedule.num_timesteps, (z0.shape[0],), generator=generator)
         if self.hparams.offset_noise > 0:
             noise = offset_noise(z0, self.hparams.offset_noise, generator=generator)
+        elif generator is not None:
+            noise = torch.randn(z0.shape, generator=generator, dtype=z0.dtype).to(z0.device)
         else:
-            noise = torch.randn(z0.shape, device=z0.device, dtype=z0.dtype, generator=generator)
-        return noise, t
+            noise = torch.randn_like(z0)
+        return t, noise
 
-    def _bucket_logs(self, per_sample: Tensor, t: Tensor, split: str) -> dict[str, Tensor]:
-        n = self.hparams.timestep_buckets
-        edges = torch.linspace(0, self.schedule.num_timesteps, n + 1, device=t.device)
-        logs = {}
-        for i in range(n):
-            mask = ((t >= edges[i]) & (t < edges[i + 1])).float()
-            logs[f"{split}/loss_t{int(edges[i])}-{int(edges[i + 1]) - 1}"] = (per_sample.detach() * mask).sum() / mask.sum().clamp(min=1)
-        return logs
+    def _log_buckets(self, per_sample: Tensor, t: Tensor, split: str, skip_empty: bool, **log_kwargs: Any) -> None:
+        """The loss by timestep range, each bucket logged with its sample count as the batch size, so
+        that epoch means weigh every sample equally. `skip_empty=False` logs an empty bucket with weight 0,
+        for metrics synced over ranks, where every rank must log the same keys."""
+        n, num_timesteps = self.hparams.timestep_buckets, self.schedule.num_timesteps
+        bucket = t * n // num_timesteps
+        counts = torch.bincount(bucket, minlength=n).tolist()
+        sums = torch.zeros(n, device=per_sample.device).index_add_(0, bucket.to(per_sample.device), per_sample.detach().float())
+        for i, count in enumerate(counts):
+            if count == 0 and skip_empty:
+                continue
+            first, last = -(-i * num_timesteps // n), -(-(i + 1) * num_timesteps // n) - 1
+            self.log(f"{split}/loss_t{first}-{last}", sums[i] / max(count, 1), batch_size=count, **log_kwargs)
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
         z0 = self.encode_images(batch["image"])
         context = self.encode_text(self.drop_captions(batch["caption"]))
-        noise, t = self._noise_and_t(z0)
-        per_sample, loss = self.diffusion_loss(z0, context, t, noise)
+        t, noise = self._draw_t_and_noise(z0)
+        per_sample, loss = self.diffusion_loss(z0, context, t.to(z0.device), noise)
         if not self.nonfinite.check(loss, self.global_step):
             return None
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
-        self.log_dict(self._bucket_logs(per_sample, t, "train"), on_step=True, on_epoch=False)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=z0.shape[0])
+        self._log_buckets(per_sample, t, "train", skip_empty=True, on_step=True, on_epoch=False)
         return loss
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
@@ -250,13 +283,16 @@ class LatentDiffusionModule(pl.LightningModule):
         self.ema.update(self.unet)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        generator = torch.Generator(device=self.device).manual_seed(1000 + batch_idx)
+        """The EMA UNet's loss on noise and timesteps fixed per batch, comparable across validations."""
+        if float(self.scale_factor) == 0.0:
+            return  # a sanity check before on_train_start measured the scale factor: every latent would be 0
+        generator = torch.Generator().manual_seed(1000 + batch_idx)
         z0 = self.encode_images(batch["image"])
         context = self.encode_text(batch["caption"])
-        noise, t = self._noise_and_t(z0, generator=generator)
-        per_sample, loss = self.diffusion_loss(z0, context, t, noise, unet=self.ema.module)
-        self.log("val/loss", loss, on_epoch=True, sync_dist=True, prog_bar=True)
-        self.log_dict(self._bucket_logs(per_sample, t, "val"), on_epoch=True, sync_dist=True)
+        t, noise = self._draw_t_and_noise(z0, generator=generator)
+        per_sample, loss = self.diffusion_loss(z0, context, t.to(z0.device), noise, unet=self.ema.module)
+        self.log("val/loss", loss, on_epoch=True, sync_dist=True, prog_bar=True, batch_size=z0.shape[0])
+        self._log_buckets(per_sample, t, "val", skip_empty=False, on_epoch=True, sync_dist=True)
 
     def configure_optimizers(self) -> dict:
         optimizer = hydra.utils.instantiate(self.hparams.optimizer)(self.unet.parameters())
@@ -290,11 +326,9 @@ class LatentDiffusionModule(pl.LightningModule):
 
     @torch.no_grad()
     def log_images(self, batch: dict) -> dict[str, Tensor]:
-        from ldm.diffusion.samplers import DDIMSampler
-
         prompts = self.hparams.validation_prompts or list(batch["caption"])
         size = batch["image"].shape[-1]
-        sampler = DDIMSampler(self.schedule, self.hparams.sample_steps, eta=0.0)
+        sampler = DDIMSampler(self.schedule, self.hparams.sample_steps, eta=0.0, prediction=self.hparams.prediction)
         generator = torch.Generator(device=self.device).manual_seed(0)
         guided = self.sample(prompts, sampler, self.hparams.guidance_scale, size, size, generator=generator)
         generator = torch.Generator(device=self.device).manual_seed(0)
