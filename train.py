@@ -1,14 +1,21 @@
 """Train a stage of the latent diffusion pipeline: `python train.py stage=autoencoder` or `stage=ldm`."""
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
-
-from ldm.training.run import train
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> None:
-    train(cfg)
+    from ldm.checkpoints import CheckpointStageError
+    from ldm.training.run import ConfigError, train
+
+    try:
+        train(cfg)
+    except (ConfigError, CheckpointStageError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

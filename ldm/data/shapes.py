@@ -45,7 +45,7 @@ POSITIONS: tuple[str, ...] = (
 SPLITS: tuple[str, ...] = ("train", "val", "holdout")
 DEFAULT_HOLDOUT: tuple[tuple[str, str], ...] = (("red", "triangle"), ("blue", "circle"), ("yellow", "square"))
 
-HALF_EXTENT: dict[str, float] = {"small": 0.075, "large": 0.15}
+HALF_EXTENT: dict[str, float] = {"small": 0.11, "large": 0.16}
 """Half the width (and height) of a shape's bounding box, as a fraction of the image side."""
 
 _CELL_HALF = 1.0 / 6.0

@@ -54,6 +54,10 @@ class AutoencoderLoss(nn.Module):
     ratio does not depend on resolution, but the loss and its gradients do (Adam hardly notices;
     plain SGD learning rates and gradient-clipping thresholds do).
 
+    ``perceptual_samples=k`` runs the perceptual network on the first k images of the batch only and
+    scales their term by B/k, an unbiased estimate of the full term: on a CPU the VGG costs several
+    times the small autoencoder it supervises.
+
     ``step`` is always the number of autoencoder (generator) updates so far, not Lightning's
     ``global_step``, which also counts the discriminator's optimizer steps.
     """
@@ -71,12 +75,14 @@ class AutoencoderLoss(nn.Module):
         logvar_init: float = 0.0,
         learn_logvar: bool = False,
         adaptive_weight_max: float = 1e4,
+        perceptual_samples: int | None = None,
     ) -> None:
         super().__init__()
         self.discriminator = discriminator
         self.perceptual = perceptual
         self.disc_start = disc_start
         self.perceptual_weight = perceptual_weight
+        self.perceptual_samples = perceptual_samples
         self.kl_weight = kl_weight
         self.disc_weight = disc_weight
         self.disc_factor = disc_factor

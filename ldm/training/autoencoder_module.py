@@ -9,9 +9,11 @@ import lightning.pytorch as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
+from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from ldm.training.callbacks import to_grid
+from ldm.training.lr_schedules import warmup_cosine
 from ldm.training.nonfinite import NonFiniteGuard
 
 STAGE = "autoencoder"
@@ -36,6 +38,8 @@ class AutoencoderModule(pl.LightningModule):
         optimizer: dict,
         disc_optimizer: dict,
         lr_warmup_steps: int = 0,
+        lr_decay_steps: int | None = None,
+        lr_min_ratio: float = 0.0,
         num_logged_images: int = 8,
         max_nonfinite_steps: int = 10,
     ) -> None:
@@ -50,6 +54,8 @@ class AutoencoderModule(pl.LightningModule):
                 "optimizer": optimizer,
                 "disc_optimizer": disc_optimizer,
                 "lr_warmup_steps": lr_warmup_steps,
+                "lr_decay_steps": lr_decay_steps,
+                "lr_min_ratio": lr_min_ratio,
                 "num_logged_images": num_logged_images,
                 "max_nonfinite_steps": max_nonfinite_steps,
             }
@@ -66,22 +72,14 @@ class AutoencoderModule(pl.LightningModule):
         posterior = self.autoencoder.encode(x)
         return self.autoencoder.decode(posterior.mode())
 
-    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+    def configure_optimizers(self) -> tuple[list[torch.optim.Optimizer], list[dict]]:
+        """Autoencoder and discriminator optimizers, each with warm-up + cosine decay in generator steps."""
         ae_params = list(self.autoencoder.parameters()) + list(self.loss.generator_parameters())
         opt_ae = hydra.utils.instantiate(self.hparams.optimizer)(ae_params)
         opt_d = hydra.utils.instantiate(self.hparams.disc_optimizer)(self.loss.discriminator.parameters())
-        return [opt_ae, opt_d]
-
-    def _warmup(self, optimizer: torch.optim.Optimizer, base_lrs: list[float]) -> None:
-        warmup = self.hparams.lr_warmup_steps
-        if warmup <= 0:
-            return
-        scale = min(1.0, (self.generator_step + 1) / warmup)
-        for group, lr in zip(optimizer.param_groups, base_lrs):
-            group["lr"] = lr * scale
-
-    def on_train_start(self) -> None:
-        self._base_lrs = [[g.get("initial_lr", g["lr"]) for g in o.param_groups] for o in self.optimizers()]
+        multiplier = warmup_cosine(self.hparams.lr_warmup_steps, self.hparams.lr_decay_steps, self.hparams.lr_min_ratio)
+        schedulers = [{"scheduler": LambdaLR(opt, multiplier), "interval": "step"} for opt in (opt_ae, opt_d)]
+        return [opt_ae, opt_d], schedulers
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         opt_ae, opt_d = self.optimizers()
@@ -96,7 +94,6 @@ class AutoencoderModule(pl.LightningModule):
             opt_ae.zero_grad(set_to_none=True)
             self.generator_step += 1
             return
-        self._warmup(opt_ae, self._base_lrs[0])
         opt_ae.zero_grad(set_to_none=True)
         self.manual_backward(g_loss)
         self._clip(opt_ae)
@@ -112,6 +109,8 @@ class AutoencoderModule(pl.LightningModule):
             opt_d.step()
             logs.update({f"train/{k}": v for k, v in d_logs.items()})
 
+        for scheduler in self.lr_schedulers():
+            scheduler.step()
         self.generator_step += 1
         logs["train/generator_step"] = float(self.generator_step)
         self.log_dict(logs, prog_bar=False, on_step=True, on_epoch=False)

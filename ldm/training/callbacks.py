@@ -61,3 +61,18 @@ class ImageLogger(pl.Callback):
                 logger.experiment.add_image(f"images/{name}", grid, global_step=step)
             elif isinstance(logger, WandbLogger):
                 logger.log_image(key=f"images/{name}", images=[grid.permute(1, 2, 0).numpy()], step=None)
+
+
+class PerRankSeed(pl.Callback):
+    """Re-seeds each rank differently once training starts.
+
+    `seed_everything` gives every DDP rank the same seed, which is right for building the model but
+    would make every rank draw the same timesteps, noise, caption-dropout masks and posterior samples.
+    The offset includes the step so a resumed run does not replay the randomness of its first steps.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pl.seed_everything(self.seed + 100_003 * trainer.global_rank + trainer.global_step, workers=True, verbose=False)

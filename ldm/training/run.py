@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQ
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.training.autoencoder_module import optimizer_steps_for
-from ldm.training.callbacks import ImageLogger
+from ldm.training.callbacks import ImageLogger, PerRankSeed
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> pl.Trainer:
             save_top_k=1,
         ),
         ImageLogger(dirpath=str(run_dir / "images")),
+        PerRankSeed(cfg.seed),
     ]
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(TQDMProgressBar(refresh_rate=10))
@@ -78,6 +79,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)
     log.info("Run directory: %s", run_dir.resolve())
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    if getattr(module, "nonfinite", None) is not None and module.nonfinite.total_skipped:
+        log.warning("Skipped %d steps with a NaN/Inf loss.", module.nonfinite.total_skipped)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     log.info("Final metrics: %s", {k: round(v, 4) for k, v in metrics.items()})
     log.info("Checkpoints: %s", run_dir / "checkpoints")

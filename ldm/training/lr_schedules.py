@@ -1,0 +1,22 @@
+"""Learning-rate multipliers for `torch.optim.lr_scheduler.LambdaLR`."""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+
+def _warmup_cosine(step: int, warmup_steps: int, decay_steps: int | None, min_ratio: float) -> float:
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if not decay_steps or decay_steps <= warmup_steps:
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / (decay_steps - warmup_steps))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def warmup_cosine(warmup_steps: int = 0, decay_steps: int | None = None, min_ratio: float = 0.0):
+    """Linear warm-up over `warmup_steps`, then a cosine from 1 to `min_ratio` at `decay_steps`
+    (constant after it); `decay_steps=None` keeps the rate constant after warm-up. Picklable, so
+    the scheduler's state goes into checkpoints and resumes."""
+    return partial(_warmup_cosine, warmup_steps=warmup_steps, decay_steps=decay_steps, min_ratio=min_ratio)
