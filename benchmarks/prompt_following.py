@@ -1,0 +1,392 @@
+"""Does a trained text-to-image model draw what its prompt says? Measured on the shapes dataset.
+
+Two modes:
+
+``detector``: first show that the procedural detector (``ldm.evaluation.shapes_detector``) can be
+trusted to judge generated images: it reads the attributes of real val-split shapes back both from
+the clean images and from the autoencoder's reconstructions (posterior mean -> decode), whose look
+the generator's samples share. Reconstruction PSNR is printed too.
+
+    python benchmarks/prompt_following.py detector --autoencoder-ckpt runs/autoencoder/<run>/checkpoints/last.ckpt
+
+``generate``: draw N captions from attribute combinations (a share of them from the (colour, shape)
+pairs held out of training, ``DEFAULT_HOLDOUT``; the rest from the val split's distribution), sample
+one image per caption at each guidance scale from the same seeds, and score the detector's reading
+of each image against its caption: a table of guidance scale x attribute accuracy for seen and
+held-out combinations and overall, with chance levels and binomial 95% half-widths, then one JSON
+line with every number.
+
+    python benchmarks/prompt_following.py generate --ckpt runs/ldm/<run>/checkpoints/last.ckpt \
+        --n 256 --guidance 1 5 --steps 25 --sampler ddim --grid prompt_following.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from torch import Tensor
+from torchvision.utils import make_grid
+from tqdm.auto import tqdm
+
+from ldm.checkpoints import load_autoencoder, read_checkpoint
+from ldm.data.shapes import BACKGROUNDS, DEFAULT_HOLDOUT, POSITIONS, SHAPE_COLOURS, SHAPES, SIZES, ShapesDataset, caption_from_attributes
+from ldm.diffusion import SAMPLERS, build_sampler
+from ldm.evaluation.shapes_detector import ATTRIBUTES, score
+from ldm.pipeline import generate_images
+from ldm.sampling import load_model, pick_device, png_info, to_pil
+
+COLUMNS: tuple[str, ...] = (*ATTRIBUTES, "all")
+CHANCE: dict[str, float] = {
+    "colour": 1 / len(SHAPE_COLOURS),
+    "shape": 1 / len(SHAPES),
+    "size": 1 / len(SIZES),
+    "position": 1 / len(POSITIONS),
+    "background": 1 / len(BACKGROUNDS),
+}
+CHANCE["all"] = math.prod(CHANCE.values())
+"""Accuracy of a uniform guess over each attribute's vocabulary."""
+
+GRID_SAMPLES = 32
+GRID_COLUMNS = 8
+LABEL_WIDTH = 64
+TRUSTED_ACCURACY = 0.95
+"""The detector must read at least this share of every attribute off reconstructions to judge a generator."""
+
+
+@dataclass(frozen=True)
+class PromptCase:
+    """One caption to draw: its attributes, whether its (colour, shape) was held out of training, its seed."""
+
+    attributes: dict[str, str]
+    held_out: bool
+    seed: int
+
+    @property
+    def prompt(self) -> str:
+        return caption_from_attributes(self.attributes)
+
+
+def draw_cases(n: int, seed: int, holdout_fraction: float) -> list[PromptCase]:
+    """``n`` captions in a seeded random order; ``round(n * holdout_fraction)`` of them use a held-out pair.
+
+    The attributes come from ``ShapesDataset``'s own "val" and "holdout" splits (drawn with ``seed``),
+    so they follow the distribution the model was validated on (e.g. no shape on a background of its
+    own colour). Case ``k`` gets the seed ``seed + k``.
+    """
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    if not 0.0 <= holdout_fraction <= 1.0:
+        raise ValueError(f"holdout_fraction must be in [0, 1], got {holdout_fraction}")
+    n_held_out = round(n * holdout_fraction)
+    drawn = []
+    for split, count in (("val", n - n_held_out), ("holdout", n_held_out)):
+        if count:
+            dataset = ShapesDataset(length=count, split=split, seed=seed, holdout=DEFAULT_HOLDOUT, cache=False)
+            drawn += [(dataset.attributes(i), split == "holdout") for i in range(count)]
+    order = np.random.default_rng(seed).permutation(n)
+    return [PromptCase(attributes=drawn[j][0], held_out=drawn[j][1], seed=seed + k) for k, j in enumerate(order)]
+
+
+def binomial_half_width(accuracy: float, count: int) -> float:
+    """Half-width of the normal-approximation 95% interval of a proportion measured on ``count`` trials."""
+    return 1.96 * math.sqrt(accuracy * (1.0 - accuracy) / count)
+
+
+def subset_scores(images: Tensor, cases: Sequence[PromptCase]) -> dict[str, dict[str, float] | None]:
+    """Accuracies (``score``) on the seen cases, the held-out ones and all; None for an empty subset."""
+    subsets = {
+        "seen": [k for k, case in enumerate(cases) if not case.held_out],
+        "held_out": [k for k, case in enumerate(cases) if case.held_out],
+        "overall": list(range(len(cases))),
+    }
+    return {
+        name: score(images[index], [cases[k].attributes for k in index]) if index else None
+        for name, index in subsets.items()
+    }
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def sample_cases(
+    model: Any,
+    sampler: Any,
+    cases: Sequence[PromptCase],
+    guidance_scale: float,
+    size: int,
+    batch_size: int,
+    progress: tqdm | None = None,
+) -> Tensor:
+    """One ``size x size`` image per case (its prompt, its seed), in [-1, 1] on the CPU, in batches."""
+    images = []
+    for start in range(0, len(cases), batch_size):
+        batch = cases[start : start + batch_size]
+        decoded = generate_images(
+            model,
+            sampler,
+            [case.prompt for case in batch],
+            [case.seed for case in batch],
+            height=size,
+            width=size,
+            guidance_scale=guidance_scale,
+        )
+        images.append(decoded.float().cpu())
+        if progress is not None:
+            progress.update(len(batch))
+    return torch.cat(images)
+
+
+def save_grid(path: str | Path, images_by_scale: dict[float, Tensor], cases: Sequence[PromptCase], settings: dict[str, Any]) -> None:
+    """The first 32 samples of every guidance scale, one block of rows per scale, labelled on the left."""
+    count = min(GRID_SAMPLES, len(cases))
+    blocks = [
+        (f"cfg {scale:g}", make_grid((images[:count] + 1) / 2, nrow=GRID_COLUMNS, padding=2, pad_value=1.0))
+        for scale, images in images_by_scale.items()
+    ]
+    block_height, block_width = blocks[0][1].shape[1:]
+    canvas = Image.new("RGB", (LABEL_WIDTH + block_width, block_height * len(blocks)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, (label, block) in enumerate(blocks):
+        canvas.paste(to_pil(block), (LABEL_WIDTH, i * block_height))
+        draw.text((4, i * block_height + block_height // 2 - 6), label, fill="black")
+    metadata = {**settings, "prompts": [case.prompt for case in cases[:count]], "seeds": [case.seed for case in cases[:count]]}
+    canvas.save(path, pnginfo=png_info(metadata))
+
+
+def training_steps(ckpt_path: str | Path) -> int | None:
+    """The optimizer steps behind a Lightning checkpoint (its ``global_step``)."""
+    return read_checkpoint(ckpt_path).get("global_step")
+
+
+def generation_benchmark(
+    ckpt: str | Path,
+    *,
+    n: int = 256,
+    guidance_scales: Sequence[float] = (1.0, 5.0),
+    steps: int = 25,
+    sampler_name: str = "ddim",
+    batch_size: int = 64,
+    seed: int = 0,
+    holdout_fraction: float = 0.25,
+    size: int | None = None,
+    device: str = "auto",
+    grid: str | Path | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Samples ``n`` drawn captions at every guidance scale (same seeds) and scores them; see the module doc.
+
+    ``size`` defaults to the autoencoder's training resolution, the size the shapes were learned at.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    torch_device = pick_device(device)
+    model = load_model(str(ckpt), torch_device)
+    size = size or int(model.hparams.autoencoder.get("resolution", 64))
+    sampler = build_sampler(sampler_name, model.schedule, steps, prediction=model.hparams.prediction)
+    cases = draw_cases(n, seed, holdout_fraction)
+
+    per_scale: dict[str, Any] = {}
+    images_by_scale: dict[float, Tensor] = {}
+    bar = tqdm(total=n * len(guidance_scales), desc="images", unit="img", disable=not progress)
+    for scale in guidance_scales:
+        bar.set_postfix(guidance=f"{scale:g}")
+        _synchronize(torch_device)
+        started = time.perf_counter()
+        images = sample_cases(model, sampler, cases, float(scale), size, batch_size, bar)
+        _synchronize(torch_device)
+        seconds = time.perf_counter() - started
+        accuracies = subset_scores(images, cases)
+        per_scale[f"{float(scale):g}"] = {
+            **accuracies,
+            "overall_half_width": {name: binomial_half_width(acc, n) for name, acc in accuracies["overall"].items()},
+            "sampling_seconds": seconds,
+        }
+        images_by_scale[float(scale)] = images
+    bar.close()
+
+    result = {
+        "mode": "generate",
+        "checkpoint": str(ckpt),
+        "training_steps": training_steps(ckpt),
+        "sampler": sampler_name,
+        "steps": steps,
+        "size": size,
+        "n": n,
+        "n_seen": sum(not case.held_out for case in cases),
+        "n_held_out": sum(case.held_out for case in cases),
+        "held_out_pairs": [list(pair) for pair in DEFAULT_HOLDOUT],
+        "seed": seed,
+        "device": str(torch_device),
+        "chance": dict(CHANCE),
+        "guidance": per_scale,
+        "sampling_seconds": sum(entry["sampling_seconds"] for entry in per_scale.values()),
+    }
+    if grid:
+        settings = {key: result[key] for key in ("checkpoint", "training_steps", "sampler", "steps", "size", "seed")}
+        save_grid(grid, images_by_scale, cases, settings | {"guidance_scales": [float(s) for s in guidance_scales]})
+        result["grid"] = str(grid)
+    return result
+
+
+@torch.no_grad()
+def detector_benchmark(
+    autoencoder_ckpt: str | Path,
+    *,
+    n: int = 512,
+    size: int = 32,
+    batch_size: int = 64,
+    seed: int = 0,
+    device: str = "auto",
+) -> dict[str, Any]:
+    """Detector accuracies on ``n`` clean val-split shapes and on their reconstructions, and the
+    reconstruction PSNR (over the whole set's squared error in [0, 1], as in stage-1 validation)."""
+    torch_device = pick_device(device)
+    autoencoder = load_autoencoder(autoencoder_ckpt).eval().to(torch_device)
+    dataset = ShapesDataset(size=size, length=n, split="val", seed=seed, cache=False)
+    clean = torch.stack([dataset[i]["image"] for i in range(n)])
+    reconstructions = []
+    for start in range(0, n, batch_size):
+        batch = clean[start : start + batch_size].to(torch_device)
+        reconstructions.append(autoencoder.decode(autoencoder.encode(batch).mode()).float().clamp(-1, 1).cpu())
+    reconstructed = torch.cat(reconstructions)
+    squared_error = (((reconstructed + 1) / 2 - (clean + 1) / 2) ** 2).mean().item()
+    attributes = [dataset.attributes(i) for i in range(n)]
+    result = {
+        "mode": "detector",
+        "autoencoder_checkpoint": str(autoencoder_ckpt),
+        "training_steps": training_steps(autoencoder_ckpt),
+        "n": n,
+        "size": size,
+        "seed": seed,
+        "clean": score(clean, attributes),
+        "reconstruction": score(reconstructed, attributes),
+        "psnr": 10.0 * math.log10(1.0 / max(squared_error, 1e-12)),
+    }
+    result["trusted"] = all(result["reconstruction"][name] >= TRUSTED_ACCURACY for name in ATTRIBUTES)
+    return result
+
+
+def _percent(value: float) -> str:
+    return f"{100 * value:5.1f}"
+
+
+def format_table(rows: Sequence[tuple[str, dict[str, float] | None, dict[str, float] | None]], label_header: str) -> str:
+    """Rows of (label, accuracies, half-widths or None) as a fixed-width table in percent."""
+    label_width = max(len(label_header), *(len(label) for label, _, _ in rows))
+    lines = [f"{label_header:<{label_width}}  " + "  ".join(f"{name:>11}" for name in COLUMNS)]
+    for label, accuracies, half_widths in rows:
+        if accuracies is None:
+            cells = ["-".rjust(11) for _ in COLUMNS]
+        else:
+            cells = [
+                (f"{_percent(accuracies[name])}±{100 * half_widths[name]:4.1f}" if half_widths else _percent(accuracies[name])).rjust(11)
+                for name in COLUMNS
+            ]
+        lines.append(f"{label:<{label_width}}  " + "  ".join(cells))
+    return "\n".join(lines)
+
+
+def generation_report(result: dict[str, Any]) -> str:
+    rows = []
+    for scale, entry in result["guidance"].items():
+        rows += [
+            (f"cfg {scale} seen (n={result['n_seen']})", entry["seen"], None),
+            (f"cfg {scale} held-out (n={result['n_held_out']})", entry["held_out"], None),
+            (f"cfg {scale} overall (n={result['n']})", entry["overall"], entry["overall_half_width"]),
+        ]
+    rows.append(("chance", result["chance"], None))
+    timings = ", ".join(f"cfg {scale}: {entry['sampling_seconds']:.1f} s" for scale, entry in result["guidance"].items())
+    return "\n".join(
+        [
+            f"checkpoint {result['checkpoint']} ({result['training_steps']} training steps)",
+            f"{result['sampler']} {result['steps']} steps, {result['size']}x{result['size']}, seeds {result['seed']}..{result['seed'] + result['n'] - 1}, "
+            f"held-out pairs {', '.join(' '.join(pair) for pair in result['held_out_pairs'])}",
+            "accuracy in % (overall: ± binomial 95% half-width)",
+            format_table(rows, "guidance / prompts"),
+            f"sampling wall time on {result['device']}: {result['sampling_seconds']:.1f} s ({timings})",
+        ]
+    )
+
+
+def detector_report(result: dict[str, Any]) -> str:
+    rows = [(f"clean (n={result['n']})", result["clean"], None), (f"reconstructed (n={result['n']})", result["reconstruction"], None)]
+    verdict = "yes" if result["trusted"] else "NO"
+    return "\n".join(
+        [
+            f"autoencoder {result['autoencoder_checkpoint']} ({result['training_steps']} training steps), {result['size']}x{result['size']} val shapes",
+            "detector accuracy in %",
+            format_table(rows, "images"),
+            f"reconstruction PSNR: {result['psnr']:.2f} dB",
+            f"every attribute >= {100 * TRUSTED_ACCURACY:.0f}% on reconstructions: {verdict}",
+        ]
+    )
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    modes = parser.add_subparsers(dest="mode", required=True)
+    detector = modes.add_parser("detector", help="the detector on clean images and on the autoencoder's reconstructions")
+    detector.add_argument("--autoencoder-ckpt", required=True)
+    detector.add_argument("--n", type=int, default=512)
+    detector.add_argument("--size", type=int, default=32)
+    detector.add_argument("--batch-size", type=int, default=64)
+    detector.add_argument("--seed", type=int, default=0, help="seed of the val split's images")
+    detector.add_argument("--device", default="auto")
+    generate = modes.add_parser("generate", help="prompt following of a stage-2 checkpoint")
+    generate.add_argument("--ckpt", required=True)
+    generate.add_argument("--n", type=int, default=256)
+    generate.add_argument("--guidance", type=float, nargs="+", default=[1.0, 5.0])
+    generate.add_argument("--steps", type=int, default=25)
+    generate.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS))
+    generate.add_argument("--batch-size", type=int, default=64)
+    generate.add_argument("--seed", type=int, default=0, help="draws the captions; caption k is sampled with seed + k")
+    generate.add_argument("--holdout-fraction", type=float, default=0.25)
+    generate.add_argument("--size", type=int, default=None, help="default: the autoencoder's training resolution")
+    generate.add_argument("--device", default="auto")
+    generate.add_argument("--grid", default=None, help="PNG of the first 32 samples per guidance scale")
+    generate.add_argument("--no-progress", action="store_true")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.mode == "detector":
+        result = detector_benchmark(
+            args.autoencoder_ckpt, n=args.n, size=args.size, batch_size=args.batch_size, seed=args.seed, device=args.device
+        )
+        print(detector_report(result))
+    else:
+        result = generation_benchmark(
+            args.ckpt,
+            n=args.n,
+            guidance_scales=args.guidance,
+            steps=args.steps,
+            sampler_name=args.sampler,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            holdout_fraction=args.holdout_fraction,
+            size=args.size,
+            device=args.device,
+            grid=args.grid,
+            progress=not args.no_progress,
+        )
+        print(generation_report(result))
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
