@@ -73,13 +73,13 @@ class AutoencoderModule(pl.LightningModule):
         return self.autoencoder.decode(posterior.mode())
 
     def configure_optimizers(self) -> tuple[list[torch.optim.Optimizer], list[dict]]:
-        """Autoencoder and discriminator optimizers, each with warm-up + cosine decay in generator steps."""
+        """Autoencoder optimizer (warm-up + cosine decay, in generator steps) and discriminator optimizer
+        (constant rate: it only starts at `disc_start`)."""
         ae_params = list(self.autoencoder.parameters()) + list(self.loss.generator_parameters())
         opt_ae = hydra.utils.instantiate(self.hparams.optimizer)(ae_params)
         opt_d = hydra.utils.instantiate(self.hparams.disc_optimizer)(self.loss.discriminator.parameters())
         multiplier = warmup_cosine(self.hparams.lr_warmup_steps, self.hparams.lr_decay_steps, self.hparams.lr_min_ratio)
-        schedulers = [{"scheduler": LambdaLR(opt, multiplier), "interval": "step"} for opt in (opt_ae, opt_d)]
-        return [opt_ae, opt_d], schedulers
+        return [opt_ae, opt_d], [{"scheduler": LambdaLR(opt_ae, multiplier), "interval": "step"}]
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         opt_ae, opt_d = self.optimizers()
@@ -109,8 +109,7 @@ class AutoencoderModule(pl.LightningModule):
             opt_d.step()
             logs.update({f"train/{k}": v for k, v in d_logs.items()})
 
-        for scheduler in self.lr_schedulers():
-            scheduler.step()
+        self.lr_schedulers().step()
         self.generator_step += 1
         logs["train/generator_step"] = float(self.generator_step)
         self.log_dict(logs, prog_bar=False, on_step=True, on_epoch=False)
