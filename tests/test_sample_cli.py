@@ -100,7 +100,7 @@ def test_same_seed_gives_the_same_bytes_and_image_k_uses_seed_plus_k(cli, tiny_l
     alone = pixels(tmp_path / "next" / "00000-seed4.png")
     # Same seed in a batch of 2 and alone: equal up to float rounding in the batched convolutions.
     assert np.abs(alone - pixels(first / "00001-seed4.png")).max() <= 1
-    assert np.abs(alone - pixels(first / "00000-seed3.png")).mean() > 5
+    assert np.abs(alone - pixels(first / "00000-seed3.png")).mean() > 2
 
 
 @pytest.mark.parametrize(

@@ -325,7 +325,7 @@ def test_scale_factor_is_measured_once_before_training(accumulated_bf16_run) -> 
     assert 0.0 < float(run.module.scale_factor) < math.inf
 
 
-@pytest.mark.parametrize(("prediction", "steps"), [("eps", 20), ("v", 40)])
+@pytest.mark.parametrize(("prediction", "steps"), [("eps", 20), ("v", 80)])
 def test_loss_falls_on_a_fixed_batch(tmp_path: Path, tiny_autoencoder_ckpt: str, prediction: str, steps: int) -> None:
     torch.set_num_threads(1)
     cfg = _ldm_config(tmp_path, tiny_autoencoder_ckpt, f"stage.module.prediction={prediction}", f"trainer.max_steps={steps}",
