@@ -167,8 +167,10 @@ def save_grid(path: str | Path, images_by_scale: dict[float, Tensor], cases: Seq
 
 
 def training_steps(ckpt_path: str | Path) -> int | None:
-    """The optimizer steps behind a Lightning checkpoint (its ``global_step``)."""
-    return read_checkpoint(ckpt_path).get("global_step")
+    """Training steps behind a checkpoint: autoencoder updates for stage 1 (whose ``global_step`` also
+    counts the discriminator's optimizer steps), ``global_step`` otherwise."""
+    ckpt = read_checkpoint(ckpt_path)
+    return ckpt.get("generator_step", ckpt.get("global_step"))
 
 
 def generation_benchmark(
