@@ -29,6 +29,10 @@ class LatentDiffusionModel(Protocol):
     def decode_latents(self, z: Tensor) -> Tensor: ...
 
 
+STEP_NOISE_SEED_OFFSET = 2**32
+"""Keeps each image's per-step noise stream apart from the stream its starting noise came from."""
+
+
 def guided_model(unet: nn.Module, context: Tensor, uncond: Tensor, guidance_scale: float) -> Callable[[Tensor, Tensor], Tensor]:
     """The denoiser a sampler sees. Scale 1 is plain conditional sampling (one forward, no uncond pass)."""
     if guidance_scale == 1.0:
@@ -123,9 +127,8 @@ def generate_images(
     sample of the same seed). With `mask` too (1 x 1 x height x width in [0, 1], 1 = regenerate):
     inpainting of the masked region, the rest kept.
 
-    Image k's starting noise comes from `seeds[k]` alone. The fresh noise of stochastic samplers
-    (DDPM, DDIM with eta > 0, Euler ancestral) comes from one generator seeded with `seeds[0]`, so for
-    those an image also depends on its batch.
+    Image k's starting noise, and the fresh noise stochastic samplers (DDPM, DDIM with eta > 0, Euler
+    ancestral) add at each step, come from `seeds[k]` alone, so an image does not depend on its batch.
     """
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
@@ -145,7 +148,7 @@ def generate_images(
     context = model.encode_text(list(prompts))
     uncond = model.encode_text([negative_prompt] * len(prompts))
     unet = model.ema.module if use_ema else model.unet
-    generator = torch.Generator(device=device).manual_seed(int(seeds[0]))
+    generator = [torch.Generator(device=device).manual_seed(STEP_NOISE_SEED_OFFSET + int(seed)) for seed in seeds]
     z = denoise_latents(
         unet, sampler, context, uncond, guidance_scale, x_T, generator, x0=x0, strength=strength, mask=latents_mask, progress=progress
     )

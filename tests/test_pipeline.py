@@ -113,9 +113,12 @@ def test_latent_mask_regenerates_a_latent_pixel_if_any_of_its_pixels_is_white():
     assert torch.equal(latent_mask(mask, 4), expected)
 
 
-def test_image_k_depends_on_its_seed_only(model, ddim):
-    batch = generate(model, ddim, seeds=(5, 6, 7))
-    alone = generate(model, ddim, seeds=(7,))
+@pytest.mark.parametrize(("name", "options"), [("ddim", {}), ("euler_a", {}), ("ddim", {"eta": 1.0}), ("ddpm", {})])
+def test_image_k_depends_on_its_seed_only(model, name, options):
+    """Also for the samplers that add fresh noise at every step: it comes from the image's own seed."""
+    sampler = build_sampler(name, model.schedule, 6, **options)
+    batch = generate(model, sampler, seeds=(5, 6, 7))
+    alone = generate(model, sampler, seeds=(7,))
     torch.testing.assert_close(batch[2:], alone, atol=1e-5, rtol=0)
     assert (batch[0] - batch[2]).abs().mean() > 1e-2
     assert torch.equal(seeded_noise([7], (4, 2, 2), "cpu")[0], torch.randn(4, 2, 2, generator=torch.Generator().manual_seed(7)))

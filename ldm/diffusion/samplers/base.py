@@ -11,6 +11,8 @@ import math
 from abc import ABC, abstractmethod
 from typing import Callable
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -81,8 +83,16 @@ def karras_sigmas(sigma_min: float, sigma_max: float, steps: int, rho: float = 7
     return (inv_max + ramp * (inv_min - inv_max)) ** rho
 
 
-def randn(x: Tensor, generator: torch.Generator | None) -> Tensor:
-    """Gaussian noise shaped like x, drawn on the generator's device (as diffusers draws it)."""
+def randn(x: Tensor, generator: torch.Generator | Sequence[torch.Generator] | None) -> Tensor:
+    """Gaussian noise shaped like x, drawn on the generator's device (as diffusers draws it).
+
+    A sequence of generators draws row k of the batch from generator k, so an image's noise does not
+    depend on which batch it was sampled in.
+    """
+    if isinstance(generator, Sequence):
+        if len(generator) != x.shape[0]:
+            raise ValueError(f"got {len(generator)} generators for a batch of {x.shape[0]}")
+        return torch.cat([randn(x[k : k + 1], g) for k, g in enumerate(generator)])
     device = generator.device if generator is not None else x.device
     return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
 
