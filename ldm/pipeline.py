@@ -59,22 +59,6 @@ def denoise_latents(
     return sampler.sample(model, x_T, generator=generator, progress=progress, x0=x0, strength=strength, mask=mask)
 
 
-def generate_latents(
-    unet: nn.Module,
-    sampler: Any,
-    context: Tensor,
-    uncond: Tensor,
-    guidance_scale: float,
-    shape: tuple[int, ...],
-    generator: torch.Generator | None,
-    device: torch.device | str,
-    progress: bool = False,
-) -> Tensor:
-    """Text-to-image latents from noise drawn with one `generator` for the whole batch."""
-    x_T = torch.randn(shape, generator=generator, device=device)
-    return denoise_latents(unet, sampler, context, uncond, guidance_scale, x_T, generator, progress=progress)
-
-
 def check_image_size(height: int, width: int, factor: int) -> None:
     """Images must map onto whole latent pixels."""
     bad = [f"{name}={value}" for name, value in (("H", height), ("W", width)) if value <= 0 or value % factor]

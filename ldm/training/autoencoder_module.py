@@ -2,25 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Any
 
 import hydra
 import lightning.pytorch as pl
 import torch
-from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from ldm.training.callbacks import to_grid
+from ldm.training.config import to_plain
 from ldm.training.lr_schedules import warmup_cosine
 from ldm.training.nonfinite import NonFiniteGuard
 
 STAGE = "autoencoder"
 
-
-def _plain(cfg: Any) -> Any:
-    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
 
 
 class AutoencoderModule(pl.LightningModule):
@@ -40,12 +36,13 @@ class AutoencoderModule(pl.LightningModule):
         lr_warmup_steps: int = 0,
         lr_decay_steps: int | None = None,
         lr_min_ratio: float = 0.0,
+        gradient_clip_val: float | None = None,
         num_logged_images: int = 8,
         max_nonfinite_steps: int = 10,
     ) -> None:
         super().__init__()
-        model, loss = _plain(model), _plain(loss)
-        optimizer, disc_optimizer = _plain(optimizer), _plain(disc_optimizer)
+        model, loss = to_plain(model), to_plain(loss)
+        optimizer, disc_optimizer = to_plain(optimizer), to_plain(disc_optimizer)
         self.save_hyperparameters(
             {
                 "stage": STAGE,
@@ -56,6 +53,7 @@ class AutoencoderModule(pl.LightningModule):
                 "lr_warmup_steps": lr_warmup_steps,
                 "lr_decay_steps": lr_decay_steps,
                 "lr_min_ratio": lr_min_ratio,
+                "gradient_clip_val": gradient_clip_val,
                 "num_logged_images": num_logged_images,
                 "max_nonfinite_steps": max_nonfinite_steps,
             }
@@ -112,11 +110,12 @@ class AutoencoderModule(pl.LightningModule):
         self.lr_schedulers().step()
         self.generator_step += 1
         logs["train/generator_step"] = float(self.generator_step)
-        self.log_dict(logs, prog_bar=False, on_step=True, on_epoch=False)
-        self.log("loss", g_logs["total"], prog_bar=True, on_step=True, on_epoch=False, logger=False)
+        self.log("train/total", logs.pop("train/total"), prog_bar=True, on_step=True, on_epoch=False)
+        self.log_dict(logs, on_step=True, on_epoch=False)
 
     def _clip(self, optimizer: torch.optim.Optimizer) -> None:
-        clip = self.trainer.gradient_clip_val
+        """Lightning refuses `trainer.gradient_clip_val` under manual optimization, so the module clips."""
+        clip = self.hparams.gradient_clip_val
         if clip:
             self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from ldm.data.datamodule import build_dataloader
+
 
 class ImageCaptionDataModule(pl.LightningDataModule):
     def __init__(
@@ -15,7 +17,7 @@ class ImageCaptionDataModule(pl.LightningDataModule):
         val_batch_size: int | None = None,
         num_workers: int = 0,
         pin_memory: bool = False,
-        persistent_workers: bool = False,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.train_set, self.val_set = train, val
@@ -23,19 +25,12 @@ class ImageCaptionDataModule(pl.LightningDataModule):
         self.val_batch_size = val_batch_size or batch_size
         self.num_workers = num_workers
         self.pin_memory = pin_memory
-        self.persistent_workers = persistent_workers and num_workers > 0
+        self.seed = seed
 
     def _loader(self, dataset: Dataset, batch_size: int, train: bool) -> DataLoader:
-        iterable = isinstance(dataset, IterableDataset)
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=train and not iterable,
-            drop_last=train,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.persistent_workers,
-        )
+        shuffle = train and not isinstance(dataset, IterableDataset)
+        return build_dataloader(dataset, batch_size, shuffle=shuffle, num_workers=self.num_workers, seed=self.seed,
+                                drop_last=train, pin_memory=self.pin_memory)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, self.batch_size, train=True)

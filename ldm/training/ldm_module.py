@@ -3,30 +3,29 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning.pytorch as pl
 import torch
-from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
+from torch.optim.lr_scheduler import LambdaLR
 
 from ldm.checkpoints import CheckpointStageError, read_checkpoint, require_stage, sub_state_dict
 from ldm.diffusion.objectives import diffusion_target, loss_weight, offset_noise
 from ldm.diffusion.samplers import DDIMSampler
 from ldm.modules.ema import EMA
-from ldm.pipeline import generate_latents
+from ldm.pipeline import generate_images
 from ldm.training.callbacks import to_grid
+from ldm.training.config import to_plain
+from ldm.training.lr_schedules import warmup_cosine
 from ldm.training.nonfinite import NonFiniteGuard
 
 log = logging.getLogger(__name__)
 STAGE = "ldm"
 
-
-def _plain(cfg: Any) -> Any:
-    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
 
 
 def _build_text_encoder(cfg: dict, weights: Mapping[str, Tensor] | None) -> nn.Module:
@@ -79,11 +78,11 @@ class LatentDiffusionModule(pl.LightningModule):
         a config, builds one whose weights come later (`from_checkpoint`). `text_encoder_weights` builds
         the text encoder on those tensors instead of its configured source."""
         super().__init__()
-        model, text_encoder, schedule, optimizer = map(_plain, (model, text_encoder, schedule, optimizer))
+        model, text_encoder, schedule, optimizer = map(to_plain, (model, text_encoder, schedule, optimizer))
         if autoencoder_ckpt or autoencoder is None:
             autoencoder_module, autoencoder = self._autoencoder_from_checkpoint(autoencoder_ckpt)
         else:
-            autoencoder = _plain(autoencoder)
+            autoencoder = to_plain(autoencoder)
             autoencoder_module = hydra.utils.instantiate(autoencoder)
         if not 0.0 <= caption_dropout <= 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1], got {caption_dropout}")
@@ -296,8 +295,7 @@ class LatentDiffusionModule(pl.LightningModule):
 
     def configure_optimizers(self) -> dict:
         optimizer = hydra.utils.instantiate(self.hparams.optimizer)(self.unet.parameters())
-        warmup = max(1, self.hparams.lr_warmup_steps)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        scheduler = LambdaLR(optimizer, warmup_cosine(self.hparams.lr_warmup_steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # --- sampling ---------------------------------------------------------------------------
@@ -310,29 +308,23 @@ class LatentDiffusionModule(pl.LightningModule):
         guidance_scale: float,
         height: int,
         width: int,
-        generator: torch.Generator | None = None,
+        seeds: Sequence[int] | None = None,
         negative_prompt: str = "",
         use_ema: bool = True,
         progress: bool = False,
     ) -> Tensor:
-        """Images in [-1, 1] for `prompts`, sampled with classifier-free guidance."""
-        f = self.autoencoder.downsample_factor
-        shape = (len(prompts), self.autoencoder.latent_channels, height // f, width // f)
-        context = self.encode_text(prompts)
-        uncond = self.encode_text([negative_prompt] * len(prompts))
-        unet = self.ema.module if use_ema else self.unet
-        z = generate_latents(unet, sampler, context, uncond, guidance_scale, shape, generator, self.device, progress)
-        return self.decode_latents(z)
+        """Images in [-1, 1] for `prompts` (image k from seed k unless `seeds` says otherwise)."""
+        seeds = range(len(prompts)) if seeds is None else seeds
+        return generate_images(self, sampler, prompts, list(seeds), height=height, width=width, guidance_scale=guidance_scale,
+                               negative_prompt=negative_prompt, use_ema=use_ema, progress=progress)
 
     @torch.no_grad()
     def log_images(self, batch: dict) -> dict[str, Tensor]:
         prompts = self.hparams.validation_prompts or list(batch["caption"])
         size = batch["image"].shape[-1]
         sampler = DDIMSampler(self.schedule, self.hparams.sample_steps, eta=0.0, prediction=self.hparams.prediction)
-        generator = torch.Generator(device=self.device).manual_seed(0)
-        guided = self.sample(prompts, sampler, self.hparams.guidance_scale, size, size, generator=generator)
-        generator = torch.Generator(device=self.device).manual_seed(0)
-        unguided = self.sample(prompts, sampler, 1.0, size, size, generator=generator)
+        guided = self.sample(prompts, sampler, self.hparams.guidance_scale, size, size)
+        unguided = self.sample(prompts, sampler, 1.0, size, size)
         return {"samples": to_grid([guided, unguided], nrow=min(len(prompts), 8))}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

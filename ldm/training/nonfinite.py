@@ -37,7 +37,7 @@ class NonFiniteGuard:
         if self.consecutive >= self.max_consecutive:
             raise NonFiniteLossError(
                 f"The loss was NaN/Inf for {self.consecutive} steps in a row (last at step {step}): the run has "
-                "diverged. Lower the learning rate, enable gradient clipping (trainer.gradient_clip_val=1.0), "
+                "diverged. Lower the learning rate, enable gradient clipping (trainer.gradient_clip_val=1.0 in stage=ldm, stage.module.gradient_clip_val=1.0 in stage=autoencoder), "
                 "use bf16-mixed rather than 16-mixed, or check the data. Raise max_nonfinite_steps to tolerate more."
             )
         return False
