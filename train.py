@@ -9,11 +9,12 @@ from omegaconf import DictConfig
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> None:
     from ldm.checkpoints import CheckpointStageError
+    from ldm.data.latents import LatentCacheMismatchError
     from ldm.training.run import ConfigError, train
 
     try:
         train(cfg)
-    except (ConfigError, CheckpointStageError, FileNotFoundError) as err:
+    except (ConfigError, CheckpointStageError, LatentCacheMismatchError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
 

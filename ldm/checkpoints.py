@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,18 @@ def require_stage(ckpt: dict[str, Any], expected: str, path: str | Path, hint: s
 
 def sub_state_dict(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
+def state_dict_sha256(module: nn.Module) -> str:
+    """SHA-256 of a module's weights (names, dtypes, shapes and bytes, in name order): the same for the
+    same weights however they were loaded, different after any change. Identifies which encoders made a
+    latent cache."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def load_autoencoder(path: str | Path) -> nn.Module:

@@ -13,7 +13,8 @@ import torch
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from ldm.checkpoints import CheckpointStageError, read_checkpoint, require_stage, sub_state_dict
+from ldm.checkpoints import CheckpointStageError, read_checkpoint, require_stage, state_dict_sha256, sub_state_dict
+from ldm.data.latents import require_same_encoders
 from ldm.diffusion.objectives import diffusion_target, loss_weight, offset_noise
 from ldm.diffusion.samplers import DDIMSampler
 from ldm.modules.ema import EMA
@@ -25,7 +26,6 @@ from ldm.training.nonfinite import NonFiniteGuard
 
 log = logging.getLogger(__name__)
 STAGE = "ldm"
-
 
 
 def _build_text_encoder(cfg: dict, weights: Mapping[str, Tensor] | None) -> nn.Module:
@@ -47,6 +47,12 @@ class LatentDiffusionModule(pl.LightningModule):
     in fp32 even under mixed precision (GroupNorm in half precision gives NaNs in VAEs). Their
     weights are kept in this module's checkpoint, so sampling conditions and decodes exactly as
     training did without the stage-1 file.
+
+    Batches are either ``{"image", "caption"}``, encoded here, or from a latent cache (``data=latents``):
+    ``{"latent_mean", "latent_std", "context", "caption"}``, the encoders' outputs computed once
+    beforehand; the latent is then sampled from the cached posterior, and a dropped caption's
+    embedding becomes the text encoder's embedding of "". Both give the same loss for the same batch
+    and random state.
     """
 
     def __init__(
@@ -79,6 +85,7 @@ class LatentDiffusionModule(pl.LightningModule):
         the text encoder on those tensors instead of its configured source."""
         super().__init__()
         model, text_encoder, schedule, optimizer = map(to_plain, (model, text_encoder, schedule, optimizer))
+        self.autoencoder_source = autoencoder_ckpt or "the checkpoint's own weights"
         if autoencoder_ckpt or autoencoder is None:
             autoencoder_module, autoencoder = self._autoencoder_from_checkpoint(autoencoder_ckpt)
         else:
@@ -125,6 +132,7 @@ class LatentDiffusionModule(pl.LightningModule):
         # 0 means "not measured yet"; the buffer goes into checkpoints, so a resumed run reuses it.
         self.register_buffer("scale_factor", torch.tensor(float(scale_factor or 0.0), dtype=torch.float64))
         self.nonfinite = NonFiniteGuard(max_nonfinite_steps)
+        self._unconditional_context: Tensor | None = None
 
     @staticmethod
     def _autoencoder_from_checkpoint(path: str | None) -> tuple[nn.Module, dict]:
@@ -182,18 +190,50 @@ class LatentDiffusionModule(pl.LightningModule):
         with torch.autocast(self.device.type, enabled=False):
             return self.text_encoder(list(captions)).to(self.device).float()
 
+    def _dropout_mask(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        return torch.rand(n, generator=generator) < self.hparams.caption_dropout
+
     def drop_captions(self, captions: list[str], generator: torch.Generator | None = None) -> list[str]:
         """Replaces each caption by "" with probability `caption_dropout`: the same empty prompt that
         classifier-free guidance uses as its unconditional input at sampling time."""
-        p = self.hparams.caption_dropout
-        drop = torch.rand(len(captions), generator=generator) < p
+        drop = self._dropout_mask(len(captions), generator)
         return ["" if d else c for c, d in zip(captions, drop.tolist())]
+
+    def unconditional_context(self) -> Tensor:
+        """The embedding of "" (1 x tokens x width), computed once per device."""
+        if self._unconditional_context is None or self._unconditional_context.device != self.device:
+            self._unconditional_context = self.encode_text([""])
+        return self._unconditional_context
+
+    def context_of(self, batch: dict, dropout: bool) -> Tensor:
+        """Text embeddings of a batch: encoded from its captions, or its cached `context`; with `dropout`,
+        each row is the unconditional embedding with probability `caption_dropout`."""
+        if "context" not in batch:
+            captions = self.drop_captions(batch["caption"]) if dropout else batch["caption"]
+            return self.encode_text(captions)
+        context = batch["context"].to(self.device).float()
+        if not dropout:
+            return context
+        drop = self._dropout_mask(context.shape[0]).to(self.device).view(-1, 1, 1)
+        return torch.where(drop, self.unconditional_context(), context)
 
     @torch.no_grad()
     def encode_images(self, x: Tensor) -> Tensor:
+        return self._posterior_sample({"image": x}) * self.scale_factor.float()
+
+    @torch.no_grad()
+    def _posterior_sample(self, batch: dict) -> Tensor:
+        """An unscaled latent per image: encoded from `image`, or drawn from the cached posterior
+        (`latent_mean`, `latent_std`) with the same draw the autoencoder's posterior makes."""
+        if "latent_mean" in batch:
+            mean, std = batch["latent_mean"].to(self.device).float(), batch["latent_std"].to(self.device).float()
+            return mean + std * torch.randn(mean.shape, device=mean.device, dtype=mean.dtype)
         with torch.autocast(self.device.type, enabled=False):
-            z = self.autoencoder.encode(x.float()).sample()
-        return z * self.scale_factor.float()
+            return self.autoencoder.encode(batch["image"].to(self.device).float()).sample()
+
+    def latents_of(self, batch: dict) -> Tensor:
+        """z0 = scale_factor * a posterior sample, for a batch of images or of cached latents."""
+        return self._posterior_sample(batch) * self.scale_factor.float()
 
     @torch.no_grad()
     def decode_latents(self, z: Tensor) -> Tensor:
@@ -205,14 +245,20 @@ class LatentDiffusionModule(pl.LightningModule):
         """1 / std of the autoencoder's latents over `batches`, all-reduced over every rank."""
         stats = torch.zeros(3, dtype=torch.float64, device=self.device)
         for batch in batches:
-            with torch.autocast(self.device.type, enabled=False):
-                z = self.autoencoder.encode(batch["image"].to(self.device).float()).sample().double()
+            z = self._posterior_sample(batch).double()
             stats += torch.stack([z.sum(), z.square().sum(), torch.tensor(float(z.numel()), device=self.device, dtype=torch.float64)])
         if self._trainer is not None:
             stats = self.trainer.strategy.reduce(stats, reduce_op="sum")
         mean = stats[0] / stats[2]
         std = (stats[1] / stats[2] - mean.square()).sqrt()
         return float(1.0 / std)
+
+    def on_fit_start(self) -> None:
+        """With a latent cache, checks that it was made by this module's autoencoder and text encoder."""
+        cache = getattr(self.trainer.datamodule, "latent_cache", None)
+        if cache is not None:
+            require_same_encoders(cache, state_dict_sha256(self.autoencoder), state_dict_sha256(self.text_encoder),
+                                  autoencoder_source=self.autoencoder_source)
 
     def on_train_start(self) -> None:
         if float(self.scale_factor) > 0:
@@ -266,8 +312,8 @@ class LatentDiffusionModule(pl.LightningModule):
             self.log(f"{split}/loss_t{first}-{last}", sums[i] / max(count, 1), batch_size=count, **log_kwargs)
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
-        z0 = self.encode_images(batch["image"])
-        context = self.encode_text(self.drop_captions(batch["caption"]))
+        z0 = self.latents_of(batch)
+        context = self.context_of(batch, dropout=True)
         t, noise = self._draw_t_and_noise(z0)
         per_sample, loss = self.diffusion_loss(z0, context, t.to(z0.device), noise)
         if not self.nonfinite.check(loss, self.global_step):
@@ -286,8 +332,8 @@ class LatentDiffusionModule(pl.LightningModule):
         if float(self.scale_factor) == 0.0:
             return  # a sanity check before on_train_start measured the scale factor: every latent would be 0
         generator = torch.Generator().manual_seed(1000 + batch_idx)
-        z0 = self.encode_images(batch["image"])
-        context = self.encode_text(batch["caption"])
+        z0 = self.latents_of(batch)
+        context = self.context_of(batch, dropout=False)
         t, noise = self._draw_t_and_noise(z0, generator=generator)
         per_sample, loss = self.diffusion_loss(z0, context, t.to(z0.device), noise, unet=self.ema.module)
         self.log("val/loss", loss, on_epoch=True, sync_dist=True, prog_bar=True, batch_size=z0.shape[0])
@@ -321,7 +367,7 @@ class LatentDiffusionModule(pl.LightningModule):
     @torch.no_grad()
     def log_images(self, batch: dict) -> dict[str, Tensor]:
         prompts = self.hparams.validation_prompts or list(batch["caption"])
-        size = batch["image"].shape[-1]
+        size = batch["image"].shape[-1] if "image" in batch else batch["latent_mean"].shape[-1] * self.autoencoder.downsample_factor
         sampler = DDIMSampler(self.schedule, self.hparams.sample_steps, eta=0.0, prediction=self.hparams.prediction)
         guided = self.sample(prompts, sampler, self.hparams.guidance_scale, size, size)
         unguided = self.sample(prompts, sampler, 1.0, size, size)

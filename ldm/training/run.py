@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQ
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.training.autoencoder_module import optimizer_steps_for
-from ldm.training.callbacks import ImageLogger, PerRankSeed
+from ldm.training.callbacks import DataCountsLogger, ImageLogger, PerRankSeed
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> pl.Trainer:
         ),
         ImageLogger(dirpath=str(run_dir / "images")),
         PerRankSeed(cfg.seed),
+        DataCountsLogger(),
     ]
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(TQDMProgressBar(refresh_rate=10))
