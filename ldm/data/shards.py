@@ -57,7 +57,8 @@ COUNT_KEYS: tuple[str, ...] = (
 MAKE_SHARDS_HINT = (
     "Make shards with `python -m ldm.tools.make_shards IMAGES_DIR OUT_DIR --shard-size 1000` (a folder of "
     "images with .txt captions, or a CSV/Parquet of paths and captions), or with img2dataset "
-    "(--output_format webdataset), then set the pattern to e.g. 'OUT_DIR/{00000..00009}.tar'."
+    "(--output_format webdataset), then set the URLs to OUT_DIR (every .tar in it) or a pattern such as "
+    "'data.urls=\"OUT_DIR/{00000..00009}.tar\"' (quoted: Hydra reads braces otherwise)."
 )
 SHARD_ERRORS_IN_A_ROW_LIMIT = 100
 """A stream that meets this many unreadable shards in a row, and no sample between them, stops."""
@@ -85,8 +86,8 @@ def is_local(url: str) -> bool:
 
 def expand_urls(urls: str | Sequence[str]) -> list[str]:
     """The shard URLs of a pattern: braces expanded (``laion/{00000..04095}.tar``; ``a::b`` joins
-    patterns), globs of local paths expanded (``laion/*.tar``), remote URLs (``pipe:``, ``s3://``,
-    ``https://``) kept as given.
+    patterns), globs of local paths expanded (``laion/*.tar``), a local folder read as every ``.tar``
+    in it, remote URLs (``pipe:``, ``s3://``, ``https://``) kept as given.
 
     Local shards that do not exist are dropped with a warning (img2dataset leaves gaps where a shard
     failed); when nothing is left this raises :class:`NoShardsError`, saying how to make shards.
@@ -102,6 +103,8 @@ def expand_urls(urls: str | Sequence[str]) -> list[str]:
         path = url.removeprefix("file://").removeprefix("file:")
         if glob.has_magic(path):
             found.extend(sorted(glob.glob(path)))
+        elif os.path.isdir(path):
+            found.extend(sorted(glob.glob(os.path.join(glob.escape(path), "*.tar"))))
         elif os.path.isfile(path):
             found.append(path)
         else:

@@ -37,9 +37,6 @@ class ImageLogger(pl.Callback):
         self.max_images = max_images
         self._batch: dict | None = None
 
-    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.val_counts.clear()
-
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if self._batch is None and batch_idx == 0:
             self._batch = {k: v[: self.max_images] for k, v in batch.items() if isinstance(v, (Tensor, list))}

@@ -4,6 +4,7 @@ streamed from tar shards (images, or a latent cache)."""
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any
 
 import lightning.pytorch as pl
@@ -16,6 +17,8 @@ from ldm.data.latents import LatentDecoder, manifest_path_for, read_manifest
 from ldm.data.shards import ShardedDataset
 
 log = logging.getLogger(__name__)
+# ShardedDataset's __len__ is exact: each worker yields its own share of batches from its own shards.
+warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
 
 
 class ImageCaptionDataModule(pl.LightningDataModule):
