@@ -20,7 +20,6 @@ thread they equal wall-clock rates.
 from __future__ import annotations
 
 import argparse
-import io
 import tempfile
 import time
 from collections.abc import Callable

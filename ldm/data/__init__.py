@@ -1,7 +1,21 @@
-"""Datasets yielding ``{"image": 3 x H x W float in [-1, 1], "caption": str}`` and their loaders."""
+"""Datasets yielding ``{"image": 3 x H x W float in [-1, 1], "caption": str}`` and their loaders; tar shards
+streamed as batches (``shards``, ``laion``) and the latent cache format (``latents``)."""
 
 from ldm.data.datamodule import build_dataloader
 from ldm.data.folder import ImageFolderDataset
+from ldm.data.laion import ImageTextDecoder, MetadataFilter
+from ldm.data.latents import LatentDecoder
 from ldm.data.shapes import DEFAULT_HOLDOUT, ShapesDataset, caption_from_attributes
+from ldm.data.shards import ShardedDataset
 
-__all__ = ["DEFAULT_HOLDOUT", "ImageFolderDataset", "ShapesDataset", "build_dataloader", "caption_from_attributes"]
+__all__ = [
+    "DEFAULT_HOLDOUT",
+    "ImageFolderDataset",
+    "ImageTextDecoder",
+    "LatentDecoder",
+    "MetadataFilter",
+    "ShapesDataset",
+    "ShardedDataset",
+    "build_dataloader",
+    "caption_from_attributes",
+]
