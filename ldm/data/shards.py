@@ -248,6 +248,7 @@ class ShardedDataset(IterableDataset):
         order = list(self.urls)
         if self.shard_shuffle:
             random.Random(wds.utils.make_seed(self.seed, self.epoch)).shuffle(order)  # the same order on every rank
+        # split by node as wds.split_by_node does, with the rank from distribute() rather than read in the worker
         return [wds.SimpleShardList(order), lambda shards: islice(shards, rank, None, world_size), wds.split_by_worker]
 
     def _shuffle_stage(self, rank: int, worker: int) -> Callable | None:
