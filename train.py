@@ -3,6 +3,7 @@
 import sys
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 
@@ -10,11 +11,13 @@ from omegaconf import DictConfig
 def main(cfg: DictConfig) -> None:
     from ldm.checkpoints import CheckpointStageError
     from ldm.data.latents import LatentCacheMismatchError
-    from ldm.training.run import ConfigError, train
+    from ldm.training.nonfinite import NonFiniteLossError
+    from ldm.training.run import ConfigError, pin_run_dir, train
 
+    pin_run_dir(cfg, HydraConfig.get().runtime.output_dir)  # one run directory for every rank
     try:
         train(cfg)
-    except (ConfigError, CheckpointStageError, LatentCacheMismatchError, FileNotFoundError) as err:
+    except (ConfigError, CheckpointStageError, LatentCacheMismatchError, FileNotFoundError, NonFiniteLossError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
 

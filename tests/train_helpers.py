@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
@@ -47,3 +49,16 @@ TINY_LDM = [
     "trainer.enable_model_summary=false",
     "logger=csv",
 ]
+
+
+def train_command(repo_root: str, overrides: list[str]) -> list[str]:
+    """`python train.py ...` as a subprocess command (Lightning's DDP launcher re-runs sys.argv, so
+    multi-process runs are tested this way, never in the pytest process)."""
+    return [sys.executable, os.path.join(repo_root, "train.py"), *overrides]
+
+
+def run_train(repo_root: str, overrides: list[str], timeout: float = 600, cmd: list[str] | None = None,
+              **kwargs) -> subprocess.CompletedProcess:
+    """Runs `python train.py overrides` (or `cmd + overrides`) in the repository, capturing its output."""
+    command = [*cmd, *overrides] if cmd else train_command(repo_root, overrides)
+    return subprocess.run(command, cwd=kwargs.pop("cwd", repo_root), capture_output=True, text=True, timeout=timeout, **kwargs)

@@ -2,6 +2,7 @@
 streamed as batches (``shards``, ``laion``) and the latent cache format (``latents``)."""
 
 from ldm.data.datamodule import build_dataloader
+from ldm.data.sampler import ResumableDataLoader, ResumableSampler
 from ldm.data.folder import ImageFolderDataset
 from ldm.data.laion import ImageTextDecoder, MetadataFilter
 from ldm.data.latents import LatentDecoder
@@ -14,6 +15,8 @@ __all__ = [
     "ImageTextDecoder",
     "LatentDecoder",
     "MetadataFilter",
+    "ResumableDataLoader",
+    "ResumableSampler",
     "ShapesDataset",
     "ShardedDataset",
     "build_dataloader",

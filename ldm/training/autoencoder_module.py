@@ -13,10 +13,9 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 from ldm.training.callbacks import to_grid
 from ldm.training.config import to_plain
 from ldm.training.lr_schedules import warmup_cosine
-from ldm.training.nonfinite import NonFiniteGuard
+from ldm.training.nonfinite import NonFiniteGuard, min_over_ranks
 
 STAGE = "autoencoder"
-
 
 
 class AutoencoderModule(pl.LightningModule):
@@ -88,10 +87,8 @@ class AutoencoderModule(pl.LightningModule):
         discriminator = self.loss.discriminator
         discriminator.requires_grad_(False)
         g_loss, g_logs = self.loss.generator_loss(x, reconstructions, posterior, step, self.autoencoder.last_layer)
-        if not self.nonfinite.check(g_loss, step):
-            opt_ae.zero_grad(set_to_none=True)
-            self.generator_step += 1
-            return
+        if not self.nonfinite.check(g_loss, step, sync=min_over_ranks(self)):
+            return  # not an autoencoder step: the schedule, disc_start and max_steps count the ones taken
         opt_ae.zero_grad(set_to_none=True)
         self.manual_backward(g_loss)
         self._clip(opt_ae)
@@ -144,12 +141,19 @@ class AutoencoderModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["ldm_stage"] = STAGE
         checkpoint["generator_step"] = self.generator_step
+        checkpoint["nonfinite"] = self.nonfinite.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         stage = checkpoint.get("ldm_stage")
         if stage != STAGE:
             raise ValueError(f"This is a {stage!r} checkpoint; stage=autoencoder can only resume from an autoencoder checkpoint.")
         self.generator_step = int(checkpoint["generator_step"])
+        if "nonfinite" in checkpoint:
+            self.nonfinite.load_state_dict(checkpoint["nonfinite"])
+
+    def compile_network(self, **kwargs) -> None:
+        """`torch.compile` the autoencoder in place (its parameter names, so checkpoints, do not change)."""
+        self.autoencoder.compile(**kwargs)
 
 
 def optimizer_steps_for(generator_steps: int, disc_start: int) -> int:

@@ -1,13 +1,21 @@
-"""Callbacks: image grids to the logger and to PNGs in the run directory, per-rank seeds, data skip counts."""
+"""Callbacks: image grids, per-batch seeds, data skip counts, last.ckpt, SLURM requeue, and the check that all
+ranks run the same run."""
 
 from __future__ import annotations
 
 import logging
+import os
+import random
+import signal
+import subprocess
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
+from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from torch import Tensor
 from torchvision.utils import make_grid, save_image
@@ -43,12 +51,15 @@ class ImageLogger(pl.Callback):
 
     @torch.no_grad()
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._batch is None or trainer.sanity_checking or not trainer.is_global_zero:
+        if self._batch is None or trainer.sanity_checking:
             return
+        # Every rank runs the networks (under FSDP each forward gathers shards from all ranks); rank 0 writes.
         was_training = pl_module.training
         pl_module.eval()
         grids = pl_module.log_images(self._batch)
         pl_module.train(was_training)
+        if not trainer.is_global_zero:
+            return
         step = getattr(pl_module, "generator_step", trainer.global_step)
         self.dirpath.mkdir(parents=True, exist_ok=True)
         for name, grid in grids.items():
@@ -67,18 +78,145 @@ class ImageLogger(pl.Callback):
 
 
 class PerRankSeed(pl.Callback):
-    """Re-seeds each rank differently once training starts.
+    """Seeds every training batch from (seed, rank, batch index).
 
     `seed_everything` gives every DDP rank the same seed, which is right for building the model but
     would make every rank draw the same timesteps, noise, caption-dropout masks and posterior samples.
-    The offset includes the step so a resumed run does not replay the randomness of its first steps.
+    Seeding each batch from its index (Lightning's, restored from checkpoints) also makes a resumed run
+    draw exactly the numbers an uninterrupted run draws, so together with the resumable data order it
+    reaches the same weights.
     """
 
     def __init__(self, seed: int) -> None:
         self.seed = seed
 
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        pl.seed_everything(self.seed + 100_003 * trainer.global_rank + trainer.global_step, workers=True, verbose=False)
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        seed_all(self.seed + 100_003 * trainer.global_rank + 1_000_003 * trainer.fit_loop.total_batch_idx)
+
+
+def seed_all(seed: int) -> None:
+    """Python's, NumPy's and torch's (all devices) global generators, without seed_everything's logging."""
+    seed %= 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class LastCheckpoint(Checkpoint):
+    """Owns `checkpoints/last.ckpt`: writes it every `every_n_steps` training steps, after each validation
+    and when training ends (the "best" ModelCheckpoint does not write a last of its own).
+
+    A step is an optimizer step of stage 2 (`accumulate_grad_batches` batches, so a checkpoint never
+    falls inside an accumulation, whose gradients it could not hold) and an autoencoder step of stage 1
+    (one batch; Lightning's own `every_n_train_steps` counts both of its optimizers and can step over
+    a multiple). Writes go through the trainer's checkpoint IO, which is atomic. As a `Checkpoint`,
+    Lightning runs it after the other callbacks, so the state it saves includes theirs for this step.
+    """
+
+    def __init__(self, dirpath: str | Path, every_n_steps: int | None) -> None:
+        if every_n_steps is not None and every_n_steps < 1:
+            raise ValueError(f"checkpoint_every_n_steps must be positive or null, got {every_n_steps}")
+        self.path = Path(dirpath) / "last.ckpt"
+        self.every_n_steps = every_n_steps
+        self._saved_after: int | None = None  # the batch count at the latest save
+
+    def save(self, trainer: pl.Trainer) -> None:
+        """Writes last.ckpt (on every rank's call, as a collective) unless it already holds this batch."""
+        batches = trainer.fit_loop.epoch_loop.batch_progress.total.processed
+        if batches != self._saved_after:
+            trainer.save_checkpoint(self.path, weights_only=False)
+            self._saved_after = batches
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int) -> None:
+        batches = self.every_n_steps and self.every_n_steps * trainer.accumulate_grad_batches
+        if batches and (trainer.fit_loop.total_batch_idx + 1) % batches == 0:
+            self.save(trainer)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self.save(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.save(trainer)
+
+
+class SameRunOnAllRanks(pl.Callback):
+    """Stops every rank with one clear message if the ranks disagree on the run directory or on the
+    checkpoint they resume from.
+
+    Each process of a multi-process run composes its own config. Launched by Lightning, the children
+    are handed rank 0's run directory; launched by `srun` (or torchrun), each resolves `run_dir` itself,
+    and a `${now:...}` in it can differ by a second — then one rank would resume from a checkpoint and
+    another start afresh. The SLURM scripts pass an explicit `run_dir`; this check catches the rest
+    before any weights are loaded.
+    """
+
+    def __init__(self, run_dir: str | Path, ckpt_path: str | None) -> None:
+        self.identity = (str(Path(run_dir).resolve()), str(Path(ckpt_path).resolve()) if ckpt_path else None)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if trainer.world_size == 1:
+            return
+        reference = trainer.strategy.broadcast(self.identity, src=0)
+        differs = torch.tensor(float(reference != self.identity), device=trainer.strategy.root_device)
+        if float(trainer.strategy.reduce(differs, reduce_op="sum")) > 0:
+            here = (f"rank {trainer.global_rank} has run_dir={self.identity[0]}, ckpt_path={self.identity[1]}"
+                    if reference != self.identity else f"rank {trainer.global_rank} agrees with rank 0, another rank does not")
+            raise RuntimeError(
+                f"The ranks of this run disagree on its run directory or resume checkpoint: rank 0 has "
+                f"run_dir={reference[0]}, ckpt_path={reference[1]}; {here}. Pass one explicit run_dir=... to every "
+                "rank (slurm/*.sbatch do)."
+            )
+
+
+class RequeueOnSignal(pl.Callback):
+    """SLURM's warning before the time limit (`#SBATCH --signal=SIGUSR1@90`): every rank stops at the end of
+    the same batch, `last.ckpt` is written (atomically, as always), and rank 0 requeues the job, which
+    comes back with the same id and run directory and resumes from it (`ckpt_path=auto`).
+
+    Lightning's own auto-requeue writes its checkpoint inside the signal handler, i.e. wherever each rank
+    happens to be; under DDP that checkpoint's barrier can meet another rank's gradient all-reduce and
+    hang. Here the handler only sets a flag, and the ranks agree on it after every batch with one
+    max-reduction of a single number (as Lightning does for SIGTERM), so the stop is collective.
+    """
+
+    def __init__(self, last_checkpoint: LastCheckpoint, signum: int = signal.SIGUSR1) -> None:
+        self.last_checkpoint = last_checkpoint
+        self.signum = signum
+        self.received = False
+        self.stopping = False
+        self._previous: Any = None
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.received = True
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._previous = signal.signal(self.signum, self._on_signal)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int) -> None:
+        flag = torch.tensor(float(self.received), device=trainer.strategy.root_device)
+        if trainer.world_size > 1:
+            flag = trainer.strategy.reduce(flag, reduce_op="max")
+        if float(flag) > 0 and not self.stopping:
+            log.warning("Signal %d (SLURM's time-limit warning): stopping after batch %d to checkpoint and requeue.",
+                        self.signum, trainer.fit_loop.total_batch_idx + 1)
+            self.stopping = True
+            # Saved here, at the batch end, like the periodic checkpoints: Lightning resumes its loop
+            # counters (the logging step too) exactly from this point.
+            self.last_checkpoint.save(trainer)
+            trainer.should_stop = True
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        signal.signal(self.signum, self._previous if self._previous is not None else signal.SIG_DFL)
+        if self.stopping and trainer.is_global_zero:  # last.ckpt is written by now
+            job = os.environ["SLURM_JOB_ID"]
+            if os.environ.get("SLURM_ARRAY_JOB_ID"):
+                job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+            done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+            if done.returncode == 0:
+                log.info("Requeued SLURM job %s.", job)
+            else:
+                log.error("Could not requeue SLURM job %s: %s", job, done.stderr.strip())
 
 
 class DataCountsLogger(pl.Callback):

@@ -22,7 +22,7 @@ from ldm.pipeline import generate_images
 from ldm.training.callbacks import to_grid
 from ldm.training.config import to_plain
 from ldm.training.lr_schedules import warmup_cosine
-from ldm.training.nonfinite import NonFiniteGuard
+from ldm.training.nonfinite import NonFiniteGuard, min_over_ranks
 
 log = logging.getLogger(__name__)
 STAGE = "ldm"
@@ -265,7 +265,9 @@ class LatentDiffusionModule(pl.LightningModule):
             log.info("Latent scale factor: %.5f (from config or checkpoint; not re-measured)", float(self.scale_factor))
             return
         n = self.hparams.scale_factor_batches
-        loader = self.trainer.train_dataloader
+        # A loader of its own: iterating the trainer's would move the resumable data order it checkpoints.
+        datamodule = self.trainer.datamodule
+        loader = datamodule.train_dataloader() if datamodule is not None else self.trainer.train_dataloader
         batches = (b for _, b in zip(range(n), loader))
         self.scale_factor.fill_(self.measure_scale_factor(batches))
         log.info("Latent scale factor measured over %d batches on every rank: %.5f", n, float(self.scale_factor))
@@ -316,7 +318,7 @@ class LatentDiffusionModule(pl.LightningModule):
         context = self.context_of(batch, dropout=True)
         t, noise = self._draw_t_and_noise(z0)
         per_sample, loss = self.diffusion_loss(z0, context, t.to(z0.device), noise)
-        if not self.nonfinite.check(loss, self.global_step):
+        if not self.nonfinite.check(loss, self.global_step, sync=min_over_ranks(self)):
             return None
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=z0.shape[0])
         self._log_buckets(per_sample, t, "train", skip_empty=True, on_step=True, on_epoch=False)
@@ -375,10 +377,17 @@ class LatentDiffusionModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["ldm_stage"] = STAGE
+        checkpoint["nonfinite"] = self.nonfinite.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         stage = checkpoint.get("ldm_stage")
         if stage != STAGE:
             raise CheckpointStageError(f"This is a {stage!r} checkpoint; stage=ldm can only resume from a stage-2 checkpoint.")
+        if "nonfinite" in checkpoint:
+            self.nonfinite.load_state_dict(checkpoint["nonfinite"])
+
+    def compile_network(self, **kwargs) -> None:
+        """`torch.compile` the UNet in place (its parameter names, so checkpoints and the EMA, do not change)."""
+        self.unet.compile(**kwargs)
 
 

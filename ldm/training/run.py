@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import logging
+import secrets
 from pathlib import Path
 
 import hydra
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
-from omegaconf import DictConfig, OmegaConf
+from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ldm.training.autoencoder_module import optimizer_steps_for
-from ldm.training.callbacks import DataCountsLogger, ImageLogger, PerRankSeed
+from ldm.training.callbacks import DataCountsLogger, ImageLogger, LastCheckpoint, PerRankSeed, RequeueOnSignal, SameRunOnAllRanks
+from ldm.training.checkpointing import AtomicCheckpointIO, find_resume_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -30,55 +34,101 @@ def _instantiate(cfg: DictConfig, what: str, **kwargs):
         raise ConfigError(f"Could not build `{what}` from the config ({cfg.get('_target_', '?')}): {cause}") from err
 
 
+def pin_run_dir(cfg: DictConfig, output_dir: str | Path) -> None:
+    """Makes `cfg.run_dir` the directory Hydra runs in, resolved once.
+
+    Lightning's DDP launcher starts the other ranks by re-running the command line with
+    `hydra.run.dir=<rank 0's directory>` appended, and each child resolves `run_dir` again: a
+    `${now:...}` in it would give every rank its own directory. Hydra's output directory is the
+    one value all ranks share (in a sweep, it is the job's directory), so it is the run directory.
+    """
+    with open_dict(cfg):
+        cfg.run_dir = str(output_dir)
+
+
 def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
+    """`ckpt_path`: null (fresh run), a file, or "auto": the newest complete checkpoint of this run
+    directory (`checkpoints/last.ckpt`, or the `hpc_ckpt_<n>.ckpt` of a SLURM requeue), if any."""
     if ckpt_path in (None, "", "null"):
         return None
     if ckpt_path == "auto":
-        last = run_dir / "checkpoints" / "last.ckpt"
-        return str(last) if last.is_file() else None
+        found = find_resume_checkpoint(run_dir)
+        return str(found) if found else None
     if not Path(ckpt_path).is_file():
         raise FileNotFoundError(f"ckpt_path={ckpt_path} does not exist. Give the path of a .ckpt file to resume, or ckpt_path=null.")
     return ckpt_path
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path) -> pl.Trainer:
+def wandb_run_id(run_dir: Path) -> str | None:
+    """The W&B run id of this run directory, so that a resumed run logs into the same W&B run: made by
+    rank 0 the first time and kept in `<run_dir>/wandb_run_id` (other ranks do not log to W&B)."""
+    path = run_dir / "wandb_run_id"
+    if not path.is_file() and rank_zero_only.rank == 0:
+        path.write_text(secrets.token_hex(8))
+    return path.read_text().strip() if path.is_file() else None
+
+
+def build_logger(cfg: DictConfig, run_dir: Path) -> pl.loggers.Logger | bool:
+    if not cfg.get("logger"):
+        return False
+    extra = {}
+    if cfg.logger.get("_target_", "").endswith("WandbLogger") and cfg.logger.get("id") is None:
+        extra = {"id": wandb_run_id(run_dir), "resume": "allow"}
+    return _instantiate(cfg.logger, "logger", **extra)
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path, ckpt_path: str | None = None) -> pl.Trainer:
+    checkpoints = run_dir / "checkpoints"
+    last_checkpoint = LastCheckpoint(checkpoints, cfg.get("checkpoint_every_n_steps"))
     callbacks: list[pl.Callback] = [
         ModelCheckpoint(
-            dirpath=run_dir / "checkpoints",
+            dirpath=checkpoints,
             filename="best-{step}",
             monitor=cfg.stage.get("monitor"),
             mode=cfg.stage.get("monitor_mode", "min"),
-            save_last=True,
+            save_last=False,  # LastCheckpoint writes last.ckpt
             save_top_k=1,
         ),
+        last_checkpoint,
         ImageLogger(dirpath=str(run_dir / "images")),
         PerRankSeed(cfg.seed),
         DataCountsLogger(),
+        SameRunOnAllRanks(run_dir, ckpt_path),
     ]
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(TQDMProgressBar(refresh_rate=10))
-    logger = _instantiate(cfg.logger, "logger") if cfg.get("logger") else False
+    logger = build_logger(cfg, run_dir)
     if logger:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
+    plugins: list = [AtomicCheckpointIO()]
+    if SLURMEnvironment.detect():  # SIGUSR1 before the time limit: a collective stop, checkpoint and requeue
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+        callbacks.append(RequeueOnSignal(last_checkpoint))
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     if cfg.stage.name == "autoencoder":
         trainer_cfg["max_steps"] = optimizer_steps_for(trainer_cfg.get("max_steps", -1), cfg.loss.disc_start)
-    return _instantiate(OmegaConf.create(trainer_cfg), "trainer", callbacks=callbacks, logger=logger, default_root_dir=str(run_dir))
+    return _instantiate(OmegaConf.create(trainer_cfg), "trainer", callbacks=callbacks, logger=logger,
+                        default_root_dir=str(run_dir), plugins=plugins)
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Builds data, module and trainer from `cfg`, fits, and returns the final logged metrics."""
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    if rank_zero_only.rank == 0:
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     pl.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision("high")
 
     datamodule = _instantiate(cfg.data, "data")
     module = _instantiate(cfg.stage.module, "stage.module", max_nonfinite_steps=cfg.max_nonfinite_steps)
-    trainer = build_trainer(cfg, run_dir)
+    if cfg.get("compile"):
+        module.compile_network(**OmegaConf.to_container(cfg.get("compile_kwargs") or {}, resolve=True))
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)
+    trainer = build_trainer(cfg, run_dir, ckpt_path)
     log.info("Run directory: %s", run_dir.resolve())
+    if ckpt_path:
+        log.info("Resuming from %s", ckpt_path)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     if getattr(module, "nonfinite", None) is not None and module.nonfinite.total_skipped:
         log.warning("Skipped %d steps with a NaN/Inf loss.", module.nonfinite.total_skipped)
