@@ -189,7 +189,7 @@ def test_sample_is_reproducible_and_has_the_posterior_statistics():
 
 @pytest.mark.parametrize(
     "name, factor, latent_channels, attention_blocks",
-    [("kl_f4", 4, 3, 2), ("kl_f8", 8, 4, 2), ("kl_f16", 16, 16, 7), ("kl_f32", 32, 64, 12), ("autoencoder_tiny", 4, 4, 2)],
+    [("kl_f4", 4, 3, 2), ("kl_f8", 8, 4, 2), ("kl_f16", 16, 16, 7), ("kl_f32", 32, 64, 12), ("autoencoder_tiny", 2, 4, 2)],
 )
 def test_configs_build_the_compvis_variants(name, factor, latent_channels, attention_blocks):
     with torch.device("meta"):
@@ -218,7 +218,7 @@ def test_small_configs_decode_a_generator_drawn_sample_at_64px(name):
 def test_tiny_autoencoder_reduces_reconstruction_loss():
     torch.manual_seed(0)
     model = instantiate(load_config("autoencoder_tiny"))
-    assert 500_000 < sum(p.numel() for p in model.parameters()) < 1_500_000
+    assert 100_000 < sum(p.numel() for p in model.parameters()) < 400_000
     images = F.interpolate(torch.rand(4, 3, 4, 4) * 2 - 1, size=16, mode="bilinear", align_corners=False)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     losses = []

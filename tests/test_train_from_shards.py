@@ -72,7 +72,7 @@ def test_the_cache_records_its_encoders_and_holds_their_outputs(cache, shapes_sh
     manifest = read_manifest(cache.dir / "latents.json")
     assert manifest == cache.manifest | {"format": "ldm-latent-cache/1"}
     assert manifest["samples"] == SAMPLES and manifest["shards"] == ["00000.tar", "00001.tar", "00002.tar"]
-    assert manifest["shapes"] == {"mean": [4, 8, 8], "std": [4, 8, 8], "context": [77, 64]}
+    assert manifest["shapes"] == {"mean": [4, 16, 16], "std": [4, 16, 16], "context": [77, 64]}
     autoencoder = load_autoencoder(tiny_autoencoder_ckpt).eval()
     text_encoder = hydra.utils.instantiate(cache.text_encoder_cfg)
     assert manifest["autoencoder"]["sha256"] == state_dict_sha256(autoencoder)

@@ -8,11 +8,14 @@ No learning, and deliberately tolerant of what an autoencoder or a diffusion mod
 - foreground: each pixel's colour distance from that background, against the 99.5th percentile of all
   distances (so a faint or colour-shifted shape is still found); the mask is where it exceeds half;
 - colour: the median of the pixels above three quarters of it, named by the nearest shape colour;
-- shape: the soft coverage (distance / the shape's contrast, in [0, 1]) is summed around the mask:
-  blur moves that mass but conserves it. Its box is where the coverage crosses 1/2, to sub-pixel
-  precision (whole pixels are too coarse for a shape 10 pixels wide). *fill* = mass / box area
-  (square ~1, circle ~0.785, triangle ~0.5) and the share of the mass in the box's upper half
-  (upward triangle ~0.25, circle and square ~0.5) decide;
+- the soft coverage (distance / the shape's contrast, in [0, 1]) around the mask; its box is where the
+  coverage crosses 1/2, to sub-pixel precision (whole pixels are too coarse for a shape 7 pixels wide);
+- shape: the coverage is fitted by a circle, a square and an upward triangle drawn at 4x supersampling
+  around the box (a few sub-pixel shifts and sizes), each also blurred by Gaussians of a few widths,
+  with a free amplitude; the best least-squares fit names the shape. Blur is part of the model, so a
+  soft 7-pixel square is not taken for a circle (the corner mass a blur removes from a square is
+  what tells them apart, and a blurred circle template cannot put it back). *fill* (mass / box area)
+  and *top_share* (the share of the mass in the box's upper half) are reported as cues;
 - size: the longer side of the box against the image side; position: the box centre on the 3x3 grid.
 """
 
@@ -23,7 +26,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from ldm.data.shapes import BACKGROUNDS, COLOURS, HALF_EXTENT, SHAPE_COLOURS, grid_cell
+from ldm.data.shapes import BACKGROUNDS, COLOURS, HALF_EXTENT, SHAPE_COLOURS, SHAPES, grid_cell
 
 ATTRIBUTES: tuple[str, ...] = ("colour", "shape", "size", "position", "background")
 NOT_FOUND = "none"
@@ -34,11 +37,15 @@ MASK_LEVEL = 0.5
 CORE_LEVEL = 0.75
 NOISE_LEVEL = 0.15
 MARGIN = 2
-SQUARE_MIN_FILL = 0.88
-TRIANGLE_MAX_FILL = 0.66
-TRIANGLE_MAX_TOP_SHARE = 0.42
+TEMPLATE_SUPERSAMPLE = 4
+TEMPLATE_SHIFTS = (-0.5, -0.25, 0.0, 0.25, 0.5)
+"""Sub-pixel shifts (pixels) of the templates' centre around the measured box centre, in x and in y."""
+TEMPLATE_SCALES = (0.85, 0.95, 1.05, 1.15)
+"""Template half-sides as multiples of the measured half box side."""
+TEMPLATE_BLURS = (0.0, 0.5, 0.8, 1.1)
+"""Gaussian blur widths (pixels) the templates are also compared at."""
 LARGE_MIN_EXTENT = HALF_EXTENT["small"] + HALF_EXTENT["large"]
-"""Bounding-box side (fraction of the image side) halfway between a small (2 x 0.075) and a large (2 x 0.15) shape."""
+"""Bounding-box side (fraction of the image side) halfway between a small and a large shape."""
 MAX_EXTENT = 0.45
 """Beyond this bounding-box side the foreground is no single shape of the vocabulary (e.g. texture or
 noise from an untrained model): only its colour is reported."""
@@ -93,6 +100,63 @@ def _half_level_span(coverage: np.ndarray) -> tuple[float, float]:
     return float(lefts.min()), float(rights.max())
 
 
+def _template_coverage(shape: str, xs: np.ndarray, ys: np.ndarray, half: np.ndarray) -> np.ndarray:
+    """Inside-ness of supersample points ``xs``/``ys`` (offsets from the centre, ``... x P x Q``) for
+    shapes of half-side ``half`` (broadcast against them)."""
+    if shape == "circle":
+        return (xs**2 + ys**2 <= half**2).astype(np.float32)
+    if shape == "square":
+        return ((np.abs(xs) <= half) & (np.abs(ys) <= half)).astype(np.float32)
+    return ((ys <= half) & (np.abs(xs) <= (ys + half) / 2.0)).astype(np.float32)
+
+
+def _gaussian_kernels(size: int, sigmas: Sequence[float]) -> np.ndarray:
+    """``len(sigmas) x size x size`` matrices that blur a ``size``-long axis."""
+    offsets = np.arange(size)[:, None] - np.arange(size)[None, :]
+    kernels = []
+    for sigma in sigmas:
+        if sigma == 0.0:
+            kernels.append(np.eye(size, dtype=np.float32))
+            continue
+        weights = np.exp(-(offsets**2) / (2.0 * sigma**2)).astype(np.float32)
+        kernels.append(weights / weights.sum(axis=0, keepdims=True))
+    return np.stack(kernels)
+
+
+def _fit_shape(coverage: np.ndarray, centre_x: float, centre_y: float, half: float) -> str:
+    """The shape whose (shifted, scaled, blurred) template fits ``coverage`` best in least squares.
+
+    ``coverage``: the soft coverage of a window; ``centre_*``, ``half``: the measured box, in that
+    window's pixel coordinates (pixel ``j`` spans ``[j, j + 1)``).
+    """
+    s = TEMPLATE_SUPERSAMPLE
+    rows, cols = coverage.shape
+    sub = (np.arange(s) + 0.5) / s
+    px = (np.arange(cols)[:, None] + sub[None, :]).reshape(-1)
+    py = (np.arange(rows)[:, None] + sub[None, :]).reshape(-1)
+    shifts = np.asarray(TEMPLATE_SHIFTS, dtype=np.float32)
+    halves = half * np.asarray(TEMPLATE_SCALES, dtype=np.float32)
+    # candidates: shift_x x shift_y x scale, each a rows*s x cols*s grid of offsets from its centre
+    xs = px[None, None, None, None, :] - (centre_x + shifts)[:, None, None, None, None]
+    ys = py[None, None, None, :, None] - (centre_y + shifts)[None, :, None, None, None]
+    hs = halves[None, None, :, None, None]
+    row_blur = _gaussian_kernels(rows, TEMPLATE_BLURS)
+    col_blur = _gaussian_kernels(cols, TEMPLATE_BLURS)
+    target = coverage.astype(np.float32)
+    best_shape, best_error = SHAPES[0], np.inf
+    for shape in SHAPES:
+        inside = _template_coverage(shape, xs, ys, hs)
+        pixels = inside.reshape(*inside.shape[:3], rows, s, cols, s).mean(axis=(4, 6))
+        # blur every candidate at every width: B x ... x rows x cols
+        blurred = np.einsum("bij,xyzjk,bkl->bxyzil", row_blur, pixels, col_blur.transpose(0, 2, 1), optimize=True)
+        dot = np.einsum("...ij,ij->...", blurred, target)
+        norm = np.einsum("...ij,...ij->...", blurred, blurred)
+        error = float(np.min(np.sum(target**2) - dot**2 / np.maximum(norm, 1e-6)))
+        if error < best_error:
+            best_shape, best_error = shape, error
+    return best_shape
+
+
 def measure(image: np.ndarray | torch.Tensor) -> dict[str, float | str | None]:
     """The raw cues ``detect`` decides from (useful to calibrate or debug it)."""
     rgb = to_uint8_image(image).astype(np.float32)
@@ -117,6 +181,7 @@ def measure(image: np.ndarray | torch.Tensor) -> dict[str, float | str | None]:
     contrast = min(float(np.median(distance[core])), peak)
     window_top, window_left = max(top - MARGIN, 0), max(left - MARGIN, 0)
     coverage = np.clip(distance[window_top : bottom + MARGIN, window_left : right + MARGIN] / contrast, 0.0, 1.0)
+    coverage_raw = coverage.copy()
     coverage[coverage < NOISE_LEVEL] = 0.0
     x0, x1 = _half_level_span(coverage)
     y0, y1 = _half_level_span(coverage.T)
@@ -125,6 +190,7 @@ def measure(image: np.ndarray | torch.Tensor) -> dict[str, float | str | None]:
     row_centres = np.arange(coverage.shape[0]) + 0.5
     upper_mass = float(row_mass @ np.clip((y0 + y1) / 2.0 - (row_centres - 0.5), 0.0, 1.0))
     cues.update(
+        shape=_fit_shape(coverage_raw, (x0 + x1) / 2.0, (y0 + y1) / 2.0, max(x1 - x0, y1 - y0) / 2.0),
         colour=_nearest(np.median(rgb[core], axis=0), _SHAPE_RGB, SHAPE_COLOURS),
         fill=mass / max((x1 - x0) * (y1 - y0), 1.0),
         top_share=upper_mass / mass,
@@ -133,12 +199,6 @@ def measure(image: np.ndarray | torch.Tensor) -> dict[str, float | str | None]:
         centre_y=(window_top + (y0 + y1) / 2.0) / height,
     )
     return cues
-
-
-def _shape_from(fill: float, top_share: float) -> str:
-    if top_share < TRIANGLE_MAX_TOP_SHARE or fill < TRIANGLE_MAX_FILL:
-        return "triangle"
-    return "square" if fill >= SQUARE_MIN_FILL else "circle"
 
 
 def detect(image: np.ndarray | torch.Tensor) -> dict[str, str]:
@@ -155,7 +215,7 @@ def detect(image: np.ndarray | torch.Tensor) -> dict[str, str]:
         return {name: NOT_FOUND for name in ATTRIBUTES} | {"colour": cues["colour"], "background": cues["background"]}
     return {
         "colour": cues["colour"],
-        "shape": _shape_from(cues["fill"], cues["top_share"]),
+        "shape": cues["shape"],
         "size": "large" if cues["extent"] >= LARGE_MIN_EXTENT else "small",
         "position": grid_cell(cues["centre_x"], cues["centre_y"]),
         "background": cues["background"],
