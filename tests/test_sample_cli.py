@@ -124,8 +124,8 @@ def test_bad_input_exits_with_a_message_and_no_traceback(cli, run, message):
 def test_stage_1_checkpoint_and_bad_sizes_are_refused(tiny_ldm_ckpt, tiny_autoencoder_ckpt, tmp_path):
     with pytest.raises(SamplingInputError, match=r"is a 'autoencoder' checkpoint, not a stage-2 \(ldm\) one"):
         sample_in_process(f"ckpt={tiny_autoencoder_ckpt}", *COMMON, f"out_dir={tmp_path}")
-    with pytest.raises(SamplingInputError, match=r"H=30: image height and width must be positive multiples of 4"):
-        sample_in_process(f"ckpt={tiny_ldm_ckpt}", f"prompt={PROMPT}", "H=30", "W=32", f"out_dir={tmp_path}")
+    with pytest.raises(SamplingInputError, match=r"H=31: image height and width must be positive multiples of 2"):
+        sample_in_process(f"ckpt={tiny_ldm_ckpt}", f"prompt={PROMPT}", "H=31", "W=32", f"out_dir={tmp_path}")
     with pytest.raises(SamplingInputError, match=r"mask=PATH needs init_image=PATH"):
         sample_in_process(f"ckpt={tiny_ldm_ckpt}", *COMMON, "mask=mask.png", f"out_dir={tmp_path}")
     assert not list(tmp_path.glob("*.png"))
