@@ -249,7 +249,8 @@ def test_validation_grids_of_a_v_model_are_sampled_as_v(module: LatentDiffusionM
     only if the sampler reads the output as v."""
     monkeypatch.setitem(module.hparams, "prediction", "v")
     monkeypatch.setitem(module.hparams, "validation_prompts", ["a", "b"])
-    clean = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    latent_size = 32 // module.autoencoder.downsample_factor
+    clean = torch.randn(1, 4, latent_size, latent_size, generator=torch.Generator().manual_seed(5))
     decoded: list[Tensor] = []
     monkeypatch.setattr(module.ema, "module", VOracle(clean, module.schedule.alphas_cumprod))
     monkeypatch.setattr(module, "decode_latents", lambda z: decoded.append(z) or torch.zeros(z.shape[0], 3, 32, 32))
