@@ -14,8 +14,7 @@ No learning, and deliberately tolerant of what an autoencoder or a diffusion mod
   around the box (a few sub-pixel shifts and sizes), each also blurred by Gaussians of a few widths,
   with a free amplitude; the best least-squares fit names the shape. Blur is part of the model, so a
   soft 7-pixel square is not taken for a circle (the corner mass a blur removes from a square is
-  what tells them apart, and a blurred circle template cannot put it back). *fill* (mass / box area)
-  and *top_share* (the share of the mass in the box's upper half) are reported as cues;
+  what tells them apart, and a blurred circle template cannot put it back);
 - size: the longer side of the box against the image side; position: the box centre on the 3x3 grid.
 """
 
@@ -185,16 +184,12 @@ def measure(image: np.ndarray | torch.Tensor) -> dict[str, float | str | None]:
     coverage[coverage < NOISE_LEVEL] = 0.0
     x0, x1 = _half_level_span(coverage)
     y0, y1 = _half_level_span(coverage.T)
-    mass = float(coverage.sum())
-    row_mass = coverage.sum(axis=1)
-    row_centres = np.arange(coverage.shape[0]) + 0.5
-    upper_mass = float(row_mass @ np.clip((y0 + y1) / 2.0 - (row_centres - 0.5), 0.0, 1.0))
+    extent = max(x1 - x0, y1 - y0) / max(height, width)
     cues.update(
-        shape=_fit_shape(coverage_raw, (x0 + x1) / 2.0, (y0 + y1) / 2.0, max(x1 - x0, y1 - y0) / 2.0),
         colour=_nearest(np.median(rgb[core], axis=0), _SHAPE_RGB, SHAPE_COLOURS),
-        fill=mass / max((x1 - x0) * (y1 - y0), 1.0),
-        top_share=upper_mass / mass,
-        extent=max(x1 - x0, y1 - y0) / max(height, width),
+        # too big to be one shape: no fit (it would only be discarded, and costs most on the largest windows)
+        shape=_fit_shape(coverage_raw, (x0 + x1) / 2.0, (y0 + y1) / 2.0, max(x1 - x0, y1 - y0) / 2.0) if extent <= MAX_EXTENT else None,
+        extent=extent,
         centre_x=(window_left + (x0 + x1) / 2.0) / width,
         centre_y=(window_top + (y0 + y1) / 2.0) / height,
     )
