@@ -91,6 +91,8 @@ def sampler_from_config(sampler_cfg: DictConfig, schedule: Any, prediction: str,
         sampler = hydra.utils.instantiate(options)(schedule=schedule)
     except (ValueError, TypeError) as err:
         raise SamplingInputError(f"sampler={name}: {err}") from err
+    if "spacing" in options:
+        options["spacing"] = sampler.spacing
     return name, sampler, {k: v for k, v in options.items() if not k.startswith("_")}
 
 

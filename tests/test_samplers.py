@@ -179,6 +179,16 @@ def test_eps_prediction_at_zero_snr_is_rejected() -> None:
     assert torch.isfinite(x).all()
 
 
+@pytest.mark.parametrize("name", ["ddpm", "ddim"])
+def test_discrete_samplers_start_at_the_terminal_step_of_a_zero_snr_schedule(name: str) -> None:
+    """Leading spacing never visits t = 999, where a zero-terminal-SNR model learnt to draw from the
+    prompt alone, so such a schedule defaults to trailing; SD's schedule keeps leading."""
+    zero_snr = build_sampler(name, NoiseSchedule(zero_terminal_snr=True), 25, prediction="v")
+    assert zero_snr.spacing == "trailing" and zero_snr.timesteps[0] == 999 and zero_snr.alpha_bars[0] == 0.0
+    sd = build_sampler(name, NoiseSchedule(), 25)
+    assert sd.spacing == "leading" and sd.timesteps[0] == 960
+
+
 @pytest.mark.parametrize("name,kwargs", [("ddpm", {}), ("ddim", {"eta": 1.0}), ("euler", {}), ("euler_a", {"karras": True}), ("dpmpp_2m", {})])
 def test_sampling_loop_never_reads_tensor_values_on_the_host(name: str, kwargs: dict) -> None:
     """On the meta device any .item(), bool() or Python branch on a tensor raises, so a loop that

@@ -11,10 +11,19 @@ from ldm.diffusion.samplers.base import Model, Sampler, randn, timesteps_for
 from ldm.diffusion.schedule import NoiseSchedule
 
 
-class _DiscreteSampler(Sampler):
-    """Integer timesteps on the chosen spacing; the last step lands on ᾱ = 1 (the clean sample)."""
+def default_spacing(schedule: NoiseSchedule) -> str:
+    """"leading" (Stable Diffusion's) unless the schedule has zero terminal SNR: then "trailing", the
+    only integer grid that starts at t = T - 1, where the model learnt to draw from pure noise and
+    from the prompt alone (Lin et al. 2023, section 3.3)."""
+    return "trailing" if schedule.zero_terminal_snr else "leading"
 
-    def __init__(self, schedule: NoiseSchedule, steps: int, spacing: str = "leading", prediction: str = "eps", steps_offset: int = 0) -> None:
+
+class _DiscreteSampler(Sampler):
+    """Integer timesteps on the chosen spacing (None: `default_spacing`); the last step lands on
+    ᾱ = 1 (the clean sample)."""
+
+    def __init__(self, schedule: NoiseSchedule, steps: int, spacing: str | None = None, prediction: str = "eps", steps_offset: int = 0) -> None:
+        spacing = spacing or default_spacing(schedule)
         super().__init__(schedule, steps, spacing, prediction, steps_offset)
         self.timesteps = timesteps_for(schedule, steps, spacing, steps_offset).round()
         table = schedule.alphas_cumprod_f64
@@ -28,7 +37,7 @@ class DDPMSampler(_DiscreteSampler):
     """Ancestral sampling from the DDPM posterior q(x_prev | x_t, x_0) with the "fixed small"
     variance (Ho et al. 2020), over a possibly strided grid, as diffusers' DDPMScheduler."""
 
-    def __init__(self, schedule: NoiseSchedule, steps: int = 1000, spacing: str = "leading", prediction: str = "eps", steps_offset: int = 0) -> None:
+    def __init__(self, schedule: NoiseSchedule, steps: int = 1000, spacing: str | None = None, prediction: str = "eps", steps_offset: int = 0) -> None:
         super().__init__(schedule, steps, spacing, prediction, steps_offset)
         self.coefficients = []
         for i in range(steps):
@@ -61,7 +70,7 @@ class DDIMSampler(_DiscreteSampler):
         schedule: NoiseSchedule,
         steps: int = 50,
         eta: float = 0.0,
-        spacing: str = "leading",
+        spacing: str | None = None,
         prediction: str = "eps",
         steps_offset: int = 0,
     ) -> None:
