@@ -32,7 +32,7 @@ def model(tiny_ldm_ckpt):
 
 @pytest.fixture
 def ddim(model):
-    return build_sampler("ddim", model.schedule, 10)
+    return build_sampler("ddim", model.schedule, 10, prediction=model.hparams.prediction)
 
 
 @pytest.fixture
@@ -116,7 +116,7 @@ def test_latent_mask_regenerates_a_latent_pixel_if_any_of_its_pixels_is_white():
 @pytest.mark.parametrize(("name", "options"), [("ddim", {}), ("euler_a", {}), ("ddim", {"eta": 1.0}), ("ddpm", {})])
 def test_image_k_depends_on_its_seed_only(model, name, options):
     """Also for the samplers that add fresh noise at every step: it comes from the image's own seed."""
-    sampler = build_sampler(name, model.schedule, 6, **options)
+    sampler = build_sampler(name, model.schedule, 6, prediction=model.hparams.prediction, **options)
     batch = generate(model, sampler, seeds=(5, 6, 7))
     alone = generate(model, sampler, seeds=(7,))
     torch.testing.assert_close(batch[2:], alone, atol=1e-5, rtol=0)
@@ -126,7 +126,7 @@ def test_image_k_depends_on_its_seed_only(model, name, options):
 
 @pytest.mark.parametrize("name", sorted(SAMPLERS))
 def test_every_sampler_runs_through_the_pipeline(model, name):
-    sampler = build_sampler(name, model.schedule, 3)
+    sampler = build_sampler(name, model.schedule, 3, prediction=model.hparams.prediction)
     first = generate(model, sampler, seeds=(3,))
     assert first.isfinite().all() and first.abs().max() <= 1
     assert torch.equal(generate(model, sampler, seeds=(3,)), first)
@@ -147,7 +147,7 @@ class CountingUNet(torch.nn.Module):
 def test_guidance_is_one_batched_unet_call_per_step(model, scale, per_call):
     unet = CountingUNet()
     context, uncond = torch.ones(3, 2, 8), torch.zeros(3, 2, 8)
-    sampler = build_sampler("ddim", model.schedule, 4)
+    sampler = build_sampler("ddim", model.schedule, 4, prediction=model.hparams.prediction)
     denoise_latents(unet, sampler, context, uncond, scale, torch.randn(3, 4, 2, 2))
     assert unet.batches == [per_call] * 4
 
@@ -157,7 +157,7 @@ def test_guided_loop_never_reads_tensor_values_on_the_host(model):
     context, uncond = torch.ones(2, 2, 8, device="meta"), torch.zeros(2, 2, 8, device="meta")
     x_T = torch.randn(2, 4, 2, 2, device="meta")
     for name in sorted(SAMPLERS):
-        out = denoise_latents(CountingUNet(), build_sampler(name, model.schedule, 3), context, uncond, 5.0, x_T, None)
+        out = denoise_latents(CountingUNet(), build_sampler(name, model.schedule, 3, prediction=model.hparams.prediction), context, uncond, 5.0, x_T, None)
         assert out.device.type == "meta"
 
 

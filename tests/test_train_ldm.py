@@ -115,6 +115,11 @@ def test_unet_context_dim_must_match_the_text_encoder_width(tmp_path: Path, tiny
         train(_ldm_config(tmp_path, tiny_autoencoder_ckpt, "model.context_dim=32"))
 
 
+def test_eps_prediction_on_a_zero_terminal_snr_schedule_fails_before_training(tmp_path: Path, tiny_autoencoder_ckpt: str) -> None:
+    with pytest.raises(ConfigError, match=r"prediction=eps cannot be sampled from a zero-terminal-SNR schedule.*prediction=v"):
+        train(_ldm_config(tmp_path, tiny_autoencoder_ckpt, "stage.module.prediction=eps"))
+
+
 def test_from_checkpoint_refuses_a_stage1_checkpoint(tiny_autoencoder_ckpt: str) -> None:
     with pytest.raises(CheckpointStageError, match="'autoencoder' checkpoint, not a stage-2"):
         LatentDiffusionModule.from_checkpoint(tiny_autoencoder_ckpt)
@@ -209,7 +214,7 @@ def test_a_dropped_caption_conditions_the_unet_as_sampling_does_unconditionally(
     dropped = training_unet.contexts[0]
     assert torch.equal(dropped[0], dropped[1])
 
-    module.sample([PROMPT], DDIMSampler(module.schedule, 1), guidance_scale=5.0, height=32, width=32, seeds=[0])
+    module.sample([PROMPT], DDIMSampler(module.schedule, 1, prediction="v"), guidance_scale=5.0, height=32, width=32, seeds=[0])
     (guided_batch,) = sampling_unet.contexts
     cond = module.encode_text([PROMPT])[0]
     uncond_rows = [row for row in guided_batch if not torch.equal(row, cond)]
@@ -329,7 +334,8 @@ def test_scale_factor_is_measured_once_before_training(accumulated_bf16_run) -> 
 @pytest.mark.parametrize(("prediction", "steps", "lr", "factor"), [("eps", 20, 1e-3, 0.8), ("v", 60, 3e-3, 0.98)])
 def test_loss_falls_on_a_fixed_batch(tmp_path: Path, tiny_autoencoder_ckpt: str, prediction: str, steps: int, lr: float, factor: float) -> None:
     torch.set_num_threads(1)
-    cfg = _ldm_config(tmp_path, tiny_autoencoder_ckpt, f"stage.module.prediction={prediction}", f"trainer.max_steps={steps}",
+    schedule = "scaled_linear" if prediction == "eps" else "scaled_linear_zero_snr"
+    cfg = _ldm_config(tmp_path, tiny_autoencoder_ckpt, f"stage.module.prediction={prediction}", f"schedule={schedule}", f"trainer.max_steps={steps}",
                       "trainer.val_check_interval=1000", "data.train.length=320", f"stage.module.optimizer.lr={lr}")
     pl.seed_everything(0)
     datamodule = hydra.utils.instantiate(cfg.data)

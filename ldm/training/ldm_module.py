@@ -129,6 +129,11 @@ class LatentDiffusionModule(pl.LightningModule):
         self.unet = hydra.utils.instantiate(model)
         self.ema = EMA(self.unet, decay=ema_decay, warmup=ema_warmup)
         self.schedule = hydra.utils.instantiate(schedule)
+        if prediction == "eps" and self.schedule.zero_terminal_snr:
+            raise ValueError(
+                "prediction=eps cannot be sampled from a zero-terminal-SNR schedule (at t = T the noise is the "
+                "whole input, so ε says nothing about the image): use stage.module.prediction=v, or schedule=scaled_linear."
+            )
         # 0 means "not measured yet"; the buffer goes into checkpoints, so a resumed run reuses it.
         self.register_buffer("scale_factor", torch.tensor(float(scale_factor or 0.0), dtype=torch.float64))
         self.nonfinite = NonFiniteGuard(max_nonfinite_steps)
