@@ -129,6 +129,7 @@ def sample_cases(
     size: int,
     batch_size: int,
     progress: tqdm | None = None,
+    guidance_rescale: float = 0.0,
 ) -> Tensor:
     """One ``size x size`` image per case (its prompt, its seed), in [-1, 1] on the CPU, in batches."""
     images = []
@@ -142,6 +143,7 @@ def sample_cases(
             height=size,
             width=size,
             guidance_scale=guidance_scale,
+            guidance_rescale=guidance_rescale,
         )
         images.append(decoded.float().cpu())
         if progress is not None:
@@ -178,6 +180,7 @@ def generation_benchmark(
     *,
     n: int = 256,
     guidance_scales: Sequence[float] = (1.0, 5.0),
+    guidance_rescale: float = 0.0,
     steps: int = 25,
     sampler_name: str = "ddim",
     batch_size: int = 64,
@@ -207,7 +210,7 @@ def generation_benchmark(
         bar.set_postfix(guidance=f"{scale:g}")
         _synchronize(torch_device)
         started = time.perf_counter()
-        images = sample_cases(model, sampler, cases, float(scale), size, batch_size, bar)
+        images = sample_cases(model, sampler, cases, float(scale), size, batch_size, bar, guidance_rescale)
         _synchronize(torch_device)
         seconds = time.perf_counter() - started
         accuracies = subset_scores(images, cases)
@@ -224,7 +227,9 @@ def generation_benchmark(
         "checkpoint": str(ckpt),
         "training_steps": training_steps(ckpt),
         "sampler": sampler_name,
+        "spacing": sampler.spacing,
         "steps": steps,
+        "guidance_rescale": guidance_rescale,
         "size": size,
         "n": n,
         "n_seen": sum(not case.held_out for case in cases),
@@ -314,7 +319,7 @@ def generation_report(result: dict[str, Any]) -> str:
     return "\n".join(
         [
             f"checkpoint {result['checkpoint']} ({result['training_steps']} training steps)",
-            f"{result['sampler']} {result['steps']} steps, {result['size']}x{result['size']}, seeds {result['seed']}..{result['seed'] + result['n'] - 1}, "
+            f"{result['sampler']} {result['steps']} steps ({result['spacing']}), guidance rescale {result['guidance_rescale']:g}, {result['size']}x{result['size']}, seeds {result['seed']}..{result['seed'] + result['n'] - 1}, "
             f"held-out pairs {', '.join(' '.join(pair) for pair in result['held_out_pairs'])}",
             "accuracy in % (overall: ± binomial 95% half-width)",
             format_table(rows, "guidance / prompts"),
@@ -351,6 +356,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     generate.add_argument("--ckpt", required=True)
     generate.add_argument("--n", type=int, default=256)
     generate.add_argument("--guidance", type=float, nargs="+", default=[1.0, 5.0])
+    generate.add_argument("--guidance-rescale", type=float, default=0.0, help="Lin et al.'s φ; 0 is plain guidance")
     generate.add_argument("--steps", type=int, default=25)
     generate.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS))
     generate.add_argument("--batch-size", type=int, default=64)
@@ -375,6 +381,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             args.ckpt,
             n=args.n,
             guidance_scales=args.guidance,
+            guidance_rescale=args.guidance_rescale,
             steps=args.steps,
             sampler_name=args.sampler,
             batch_size=args.batch_size,

@@ -33,11 +33,13 @@ STEP_NOISE_SEED_OFFSET = 2**32
 """Keeps each image's per-step noise stream apart from the stream its starting noise came from."""
 
 
-def guided_model(unet: nn.Module, context: Tensor, uncond: Tensor, guidance_scale: float) -> Callable[[Tensor, Tensor], Tensor]:
+def guided_model(
+    unet: nn.Module, context: Tensor, uncond: Tensor, guidance_scale: float, guidance_rescale: float = 0.0
+) -> Callable[[Tensor, Tensor], Tensor]:
     """The denoiser a sampler sees. Scale 1 is plain conditional sampling (one forward, no uncond pass)."""
     if guidance_scale == 1.0:
         return lambda x, t: unet(x, t, context)
-    return ClassifierFreeGuidance(unet, context, uncond, guidance_scale)
+    return ClassifierFreeGuidance(unet, context, uncond, guidance_scale, guidance_rescale)
 
 
 def denoise_latents(
@@ -53,9 +55,10 @@ def denoise_latents(
     strength: float = 1.0,
     mask: Tensor | None = None,
     progress: bool = False,
+    guidance_rescale: float = 0.0,
 ) -> Tensor:
     """Runs `sampler` from the noise `x_T` over the guided UNet; img2img and inpainting as in `Sampler.sample`."""
-    model = guided_model(unet, context, uncond, guidance_scale)
+    model = guided_model(unet, context, uncond, guidance_scale, guidance_rescale)
     return sampler.sample(model, x_T, generator=generator, progress=progress, x0=x0, strength=strength, mask=mask)
 
 
@@ -97,6 +100,7 @@ def generate_images(
     height: int,
     width: int,
     guidance_scale: float = 5.0,
+    guidance_rescale: float = 0.0,
     negative_prompt: str = "",
     use_ema: bool = True,
     init_image: Tensor | None = None,
@@ -134,7 +138,8 @@ def generate_images(
     unet = model.ema.module if use_ema else model.unet
     generator = [torch.Generator(device=device).manual_seed(STEP_NOISE_SEED_OFFSET + int(seed)) for seed in seeds]
     z = denoise_latents(
-        unet, sampler, context, uncond, guidance_scale, x_T, generator, x0=x0, strength=strength, mask=latents_mask, progress=progress
+        unet, sampler, context, uncond, guidance_scale, x_T, generator, x0=x0, strength=strength, mask=latents_mask,
+        progress=progress, guidance_rescale=guidance_rescale,
     )
     return model.decode_latents(z)
 

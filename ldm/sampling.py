@@ -158,6 +158,8 @@ def sample(cfg: DictConfig) -> list[Path]:
         raise SamplingInputError("mask=PATH needs init_image=PATH: inpainting regenerates the white part of the mask in that image.")
     if cfg.strength != 1.0 and not cfg.init_image:
         raise SamplingInputError(f"strength={cfg.strength} needs init_image=PATH (img2img).")
+    if not 0.0 <= cfg.guidance_rescale <= 1.0:
+        raise SamplingInputError(f"guidance_rescale={cfg.guidance_rescale} must be in [0, 1] (0 is off, 0.7 is Lin et al.'s).")
     prompts = read_prompts(cfg.prompt, cfg.prompts_file)
     device = pick_device(cfg.device)
     model = load_model(cfg.ckpt, device)
@@ -179,6 +181,7 @@ def sample(cfg: DictConfig) -> list[Path]:
         "sampler": name,
         "steps": sampler.steps,
         "guidance_scale": float(cfg.guidance_scale),
+        "guidance_rescale": float(cfg.guidance_rescale),
         "checkpoint": str(Path(cfg.ckpt).resolve()),
         "sampler_options": sampler_options,
         "H": height,
@@ -203,6 +206,7 @@ def sample(cfg: DictConfig) -> list[Path]:
             height=height,
             width=width,
             guidance_scale=float(cfg.guidance_scale),
+            guidance_rescale=float(cfg.guidance_rescale),
             negative_prompt=cfg.negative_prompt,
             use_ema=bool(cfg.use_ema),
             init_image=init_image,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -87,6 +88,8 @@ def test_png_text_chunks_carry_the_settings(cli, tiny_ldm_ckpt):
     assert text["sampler"] == "ddim"
     assert text["steps"] == "4"
     assert text["guidance_scale"] == "5.0"
+    assert text["guidance_rescale"] == "0.0"
+    assert json.loads(text["sampler_options"])["spacing"] == "trailing"  # the tiny model's zero-terminal-SNR default
     assert text["checkpoint"] == str(Path(tiny_ldm_ckpt).resolve())
 
 
@@ -128,6 +131,8 @@ def test_stage_1_checkpoint_and_bad_sizes_are_refused(tiny_ldm_ckpt, tiny_autoen
         sample_in_process(f"ckpt={tiny_ldm_ckpt}", f"prompt={PROMPT}", "H=31", "W=32", f"out_dir={tmp_path}")
     with pytest.raises(SamplingInputError, match=r"mask=PATH needs init_image=PATH"):
         sample_in_process(f"ckpt={tiny_ldm_ckpt}", *COMMON, "mask=mask.png", f"out_dir={tmp_path}")
+    with pytest.raises(SamplingInputError, match=r"guidance_rescale=1.5 must be in \[0, 1\]"):
+        sample_in_process(f"ckpt={tiny_ldm_ckpt}", *COMMON, "guidance_rescale=1.5", f"out_dir={tmp_path}")
     assert not list(tmp_path.glob("*.png"))
 
 

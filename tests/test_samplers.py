@@ -288,6 +288,25 @@ def test_cfg_equals_two_separate_calls() -> None:
     torch.testing.assert_close(guided, uncond_out + 7.5 * (cond_out - uncond_out))
 
 
+def test_guidance_rescale_matches_diffusers() -> None:
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+    model = CountingModel()
+    context, uncond = torch.randn(2, 5, 16), torch.randn(1, 5, 16)
+    x, t = torch.randn(SHAPE), torch.tensor([10.0, 999.0])
+    cond_out = model(x, t, context)
+    uncond_out = model(x, t, uncond.expand(2, -1, -1))
+    plain = uncond_out + 7.5 * (cond_out - uncond_out)
+    for rescale in (0.0, 0.7, 1.0):
+        guided = ClassifierFreeGuidance(model, context, uncond, scale=7.5, rescale=rescale)(x, t)
+        torch.testing.assert_close(guided, rescale_noise_cfg(plain, cond_out, guidance_rescale=rescale))
+    full = ClassifierFreeGuidance(model, context, uncond, scale=7.5, rescale=1.0)(x, t)
+    torch.testing.assert_close(full.std(dim=(1, 2, 3)), cond_out.std(dim=(1, 2, 3)))
+    assert not torch.allclose(full, plain)
+    with pytest.raises(ValueError, match=r"rescale must be in \[0, 1\]"):
+        ClassifierFreeGuidance(model, context, uncond, scale=7.5, rescale=1.5)
+
+
 def test_cfg_calls_the_model_once_per_step_with_a_doubled_batch() -> None:
     model = CountingModel()
     guided = ClassifierFreeGuidance(model, torch.randn(2, 5, 16), torch.randn(2, 5, 16), scale=3.0)

@@ -15,19 +15,32 @@ class ClassifierFreeGuidance:
 
     Contexts of batch size 1 are broadcast to the batch of x. The doubled batch is ordered
     [unconditional, conditional], as in Stable Diffusion.
+
+    `rescale` φ > 0 is Lin et al. 2023's guidance rescale (section 3.4; diffusers' `guidance_rescale`):
+    the guided output is scaled to the per-sample standard deviation of the conditional one and mixed
+    back with weight φ (0.7 in the paper). Large scales inflate the output's std, which overexposes
+    and oversaturates images, most of all with zero-terminal-SNR v-prediction models.
     """
 
-    def __init__(self, model: ConditionalModel, context: Tensor, uncond_context: Tensor, scale: float) -> None:
+    def __init__(self, model: ConditionalModel, context: Tensor, uncond_context: Tensor, scale: float, rescale: float = 0.0) -> None:
         if context.shape[1:] != uncond_context.shape[1:]:
             raise ValueError(f"context {tuple(context.shape)} and uncond_context {tuple(uncond_context.shape)} differ past the batch dimension")
+        if not 0.0 <= rescale <= 1.0:
+            raise ValueError(f"guidance rescale must be in [0, 1], got {rescale}")
         self.model = model
         self.context = context
         self.uncond_context = uncond_context
         self.scale = scale
+        self.rescale = rescale
 
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
         batch = x.shape[0]
         context = torch.cat([self.uncond_context.expand(batch, *self.uncond_context.shape[1:]), self.context.expand(batch, *self.context.shape[1:])])
         out = self.model(torch.cat([x, x]), torch.cat([t, t]), context)
         uncond, cond = out.chunk(2)
-        return uncond + self.scale * (cond - uncond)
+        guided = uncond + self.scale * (cond - uncond)
+        if self.rescale == 0.0:
+            return guided
+        dims = tuple(range(1, guided.ndim))
+        factor = cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True)
+        return guided * (self.rescale * factor + (1.0 - self.rescale))
