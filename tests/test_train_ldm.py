@@ -315,6 +315,14 @@ def test_learning_rate_warms_up_over_optimizer_steps(accumulated_bf16_run) -> No
     assert lrs == pytest.approx([lr / 3, lr / 3, 2 * lr / 3, 2 * lr / 3, lr, lr])  # logged per batch, 2 per step
 
 
+def test_the_configured_decay_reaches_the_learning_rate_scheduler(tmp_path: Path, tiny_autoencoder_ckpt: str) -> None:
+    cfg = _ldm_config(tmp_path, tiny_autoencoder_ckpt, "stage.module.lr_warmup_steps=10", "stage.module.lr_decay_start=100",
+                      "stage.module.lr_decay_steps=200", "stage.module.lr_min_ratio=0.1")
+    scheduler = hydra.utils.instantiate(cfg.stage.module).configure_optimizers()["lr_scheduler"]["scheduler"]
+    (multiplier,) = scheduler.lr_lambdas
+    assert [multiplier(step) for step in (0, 50, 99, 150, 200, 300)] == pytest.approx([0.1, 1.0, 1.0, 0.55, 0.1, 0.1])
+
+
 def test_bf16_mixed_runs_the_unet_in_bf16_and_the_frozen_parts_in_fp32(accumulated_bf16_run) -> None:
     run = accumulated_bf16_run
     assert run.dtypes == {"autoencoder": {torch.float32}, "text_encoder": {torch.float32}, "unet": {torch.bfloat16}}

@@ -73,6 +73,9 @@ class LatentDiffusionModule(pl.LightningModule):
         ema_decay: float = 0.9999,
         ema_warmup: bool = True,
         lr_warmup_steps: int = 0,
+        lr_decay_start: int | None = None,
+        lr_decay_steps: int | None = None,
+        lr_min_ratio: float = 0.0,
         validation_prompts: list[str] | None = None,
         sample_steps: int = 25,
         guidance_scale: float = 5.0,
@@ -110,6 +113,9 @@ class LatentDiffusionModule(pl.LightningModule):
                 "ema_decay": ema_decay,
                 "ema_warmup": ema_warmup,
                 "lr_warmup_steps": lr_warmup_steps,
+                "lr_decay_start": lr_decay_start,
+                "lr_decay_steps": lr_decay_steps,
+                "lr_min_ratio": lr_min_ratio,
                 "validation_prompts": list(validation_prompts or []),
                 "sample_steps": sample_steps,
                 "guidance_scale": guidance_scale,
@@ -348,7 +354,11 @@ class LatentDiffusionModule(pl.LightningModule):
 
     def configure_optimizers(self) -> dict:
         optimizer = hydra.utils.instantiate(self.hparams.optimizer)(self.unet.parameters())
-        scheduler = LambdaLR(optimizer, warmup_cosine(self.hparams.lr_warmup_steps))
+        h = self.hparams
+        multiplier = warmup_cosine(
+            h.lr_warmup_steps, h.get("lr_decay_steps"), h.get("lr_min_ratio", 0.0), h.get("lr_decay_start")
+        )
+        scheduler = LambdaLR(optimizer, multiplier)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # --- sampling ---------------------------------------------------------------------------
