@@ -130,6 +130,7 @@ def sample_cases(
     batch_size: int,
     progress: tqdm | None = None,
     guidance_rescale: float = 0.0,
+    guidance_interval: tuple[float, float] | None = None,
 ) -> Tensor:
     """One ``size x size`` image per case (its prompt, its seed), in [-1, 1] on the CPU, in batches."""
     images = []
@@ -144,6 +145,7 @@ def sample_cases(
             width=size,
             guidance_scale=guidance_scale,
             guidance_rescale=guidance_rescale,
+            guidance_interval=guidance_interval,
         )
         images.append(decoded.float().cpu())
         if progress is not None:
@@ -181,6 +183,7 @@ def generation_benchmark(
     n: int = 256,
     guidance_scales: Sequence[float] = (1.0, 5.0),
     guidance_rescale: float = 0.0,
+    guidance_interval: tuple[float, float] | None = None,
     steps: int = 25,
     sampler_name: str = "ddim",
     batch_size: int = 64,
@@ -210,7 +213,7 @@ def generation_benchmark(
         bar.set_postfix(guidance=f"{scale:g}")
         _synchronize(torch_device)
         started = time.perf_counter()
-        images = sample_cases(model, sampler, cases, float(scale), size, batch_size, bar, guidance_rescale)
+        images = sample_cases(model, sampler, cases, float(scale), size, batch_size, bar, guidance_rescale, guidance_interval)
         _synchronize(torch_device)
         seconds = time.perf_counter() - started
         accuracies = subset_scores(images, cases)
@@ -230,6 +233,7 @@ def generation_benchmark(
         "spacing": sampler.spacing,
         "steps": steps,
         "guidance_rescale": guidance_rescale,
+        "guidance_interval": list(guidance_interval) if guidance_interval else None,
         "size": size,
         "n": n,
         "n_seen": sum(not case.held_out for case in cases),
@@ -319,7 +323,8 @@ def generation_report(result: dict[str, Any]) -> str:
     return "\n".join(
         [
             f"checkpoint {result['checkpoint']} ({result['training_steps']} training steps)",
-            f"{result['sampler']} {result['steps']} steps ({result['spacing']}), guidance rescale {result['guidance_rescale']:g}, {result['size']}x{result['size']}, seeds {result['seed']}..{result['seed'] + result['n'] - 1}, "
+            f"{result['sampler']} {result['steps']} steps ({result['spacing']}), guidance rescale {result['guidance_rescale']:g}, "
+            f"guidance interval {'t in [%g, %g]' % tuple(result['guidance_interval']) if result.get('guidance_interval') else 'all steps'}, {result['size']}x{result['size']}, seeds {result['seed']}..{result['seed'] + result['n'] - 1}, "
             f"held-out pairs {', '.join(' '.join(pair) for pair in result['held_out_pairs'])}",
             "accuracy in % (overall: ± binomial 95% half-width)",
             format_table(rows, "guidance / prompts"),
@@ -357,6 +362,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     generate.add_argument("--n", type=int, default=256)
     generate.add_argument("--guidance", type=float, nargs="+", default=[1.0, 5.0])
     generate.add_argument("--guidance-rescale", type=float, default=0.0, help="Lin et al.'s φ; 0 is plain guidance")
+    generate.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                          help="guide only timesteps LO <= t <= HI (Kynkäänniemi et al. 2024); default: every step")
     generate.add_argument("--steps", type=int, default=25)
     generate.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS))
     generate.add_argument("--batch-size", type=int, default=64)
@@ -382,6 +389,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             n=args.n,
             guidance_scales=args.guidance,
             guidance_rescale=args.guidance_rescale,
+            guidance_interval=tuple(args.guidance_interval) if args.guidance_interval else None,
             steps=args.steps,
             sampler_name=args.sampler,
             batch_size=args.batch_size,

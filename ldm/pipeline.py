@@ -34,12 +34,17 @@ STEP_NOISE_SEED_OFFSET = 2**32
 
 
 def guided_model(
-    unet: nn.Module, context: Tensor, uncond: Tensor, guidance_scale: float, guidance_rescale: float = 0.0
+    unet: nn.Module,
+    context: Tensor,
+    uncond: Tensor,
+    guidance_scale: float,
+    guidance_rescale: float = 0.0,
+    guidance_interval: tuple[float, float] | None = None,
 ) -> Callable[[Tensor, Tensor], Tensor]:
     """The denoiser a sampler sees. Scale 1 is plain conditional sampling (one forward, no uncond pass)."""
     if guidance_scale == 1.0:
         return lambda x, t: unet(x, t, context)
-    return ClassifierFreeGuidance(unet, context, uncond, guidance_scale, guidance_rescale)
+    return ClassifierFreeGuidance(unet, context, uncond, guidance_scale, guidance_rescale, guidance_interval)
 
 
 def denoise_latents(
@@ -56,9 +61,10 @@ def denoise_latents(
     mask: Tensor | None = None,
     progress: bool = False,
     guidance_rescale: float = 0.0,
+    guidance_interval: tuple[float, float] | None = None,
 ) -> Tensor:
     """Runs `sampler` from the noise `x_T` over the guided UNet; img2img and inpainting as in `Sampler.sample`."""
-    model = guided_model(unet, context, uncond, guidance_scale, guidance_rescale)
+    model = guided_model(unet, context, uncond, guidance_scale, guidance_rescale, guidance_interval)
     return sampler.sample(model, x_T, generator=generator, progress=progress, x0=x0, strength=strength, mask=mask)
 
 
@@ -101,6 +107,7 @@ def generate_images(
     width: int,
     guidance_scale: float = 5.0,
     guidance_rescale: float = 0.0,
+    guidance_interval: tuple[float, float] | None = None,
     negative_prompt: str = "",
     use_ema: bool = True,
     init_image: Tensor | None = None,
@@ -139,7 +146,7 @@ def generate_images(
     generator = [torch.Generator(device=device).manual_seed(STEP_NOISE_SEED_OFFSET + int(seed)) for seed in seeds]
     z = denoise_latents(
         unet, sampler, context, uncond, guidance_scale, x_T, generator, x0=x0, strength=strength, mask=latents_mask,
-        progress=progress, guidance_rescale=guidance_rescale,
+        progress=progress, guidance_rescale=guidance_rescale, guidance_interval=guidance_interval,
     )
     return model.decode_latents(z)
 
