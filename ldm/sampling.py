@@ -149,6 +149,19 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def guidance_interval(value: Any) -> tuple[float, float] | None:
+    """`guidance_interval=[lo,hi]` (DDPM timesteps) -> (lo, hi); null -> None (guide every step)."""
+    if value is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise SamplingInputError(f"guidance_interval={value} must be two timesteps [lo,hi], e.g. guidance_interval=[0,400], or null.") from None
+    if not 0.0 <= lo <= hi:
+        raise SamplingInputError(f"guidance_interval=[{lo:g},{hi:g}] needs 0 <= lo <= hi (DDPM timesteps, 999 the noisiest).")
+    return lo, hi
+
+
 @torch.no_grad()
 def sample(cfg: DictConfig) -> list[Path]:
     """Runs sample.yaml's settings; returns the paths of the image PNGs (the grid is `grid.png` beside them)."""
@@ -160,6 +173,7 @@ def sample(cfg: DictConfig) -> list[Path]:
         raise SamplingInputError(f"strength={cfg.strength} needs init_image=PATH (img2img).")
     if not 0.0 <= cfg.guidance_rescale <= 1.0:
         raise SamplingInputError(f"guidance_rescale={cfg.guidance_rescale} must be in [0, 1] (0 is off, 0.7 is Lin et al.'s).")
+    interval = guidance_interval(cfg.get("guidance_interval"))
     prompts = read_prompts(cfg.prompt, cfg.prompts_file)
     device = pick_device(cfg.device)
     model = load_model(cfg.ckpt, device)
@@ -182,6 +196,7 @@ def sample(cfg: DictConfig) -> list[Path]:
         "steps": sampler.steps,
         "guidance_scale": float(cfg.guidance_scale),
         "guidance_rescale": float(cfg.guidance_rescale),
+        "guidance_interval": list(interval) if interval else None,
         "checkpoint": str(Path(cfg.ckpt).resolve()),
         "sampler_options": sampler_options,
         "H": height,
@@ -207,6 +222,7 @@ def sample(cfg: DictConfig) -> list[Path]:
             width=width,
             guidance_scale=float(cfg.guidance_scale),
             guidance_rescale=float(cfg.guidance_rescale),
+            guidance_interval=interval,
             negative_prompt=cfg.negative_prompt,
             use_ema=bool(cfg.use_ema),
             init_image=init_image,

@@ -89,6 +89,7 @@ def test_png_text_chunks_carry_the_settings(cli, tiny_ldm_ckpt):
     assert text["steps"] == "4"
     assert text["guidance_scale"] == "5.0"
     assert text["guidance_rescale"] == "0.0"
+    assert text["guidance_interval"] == "null"
     assert json.loads(text["sampler_options"])["spacing"] == "trailing"  # the tiny model's zero-terminal-SNR default
     assert text["checkpoint"] == str(Path(tiny_ldm_ckpt).resolve())
 
@@ -124,6 +125,22 @@ def test_bad_input_exits_with_a_message_and_no_traceback(cli, run, message):
     assert not list(out_dir.glob("*.png"))
 
 
+def test_a_guidance_interval_is_used_and_recorded(tiny_ldm_ckpt, tmp_path, monkeypatch):
+    import ldm.sampling
+
+    intervals = []
+    real = ldm.sampling.generate_images
+
+    def spy(*args, **kwargs):
+        intervals.append(kwargs["guidance_interval"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ldm.sampling, "generate_images", spy)
+    (path,) = sample_in_process(f"ckpt={tiny_ldm_ckpt}", *COMMON, "seed=3", "n_samples=1", "guidance_interval=[0,400]", f"out_dir={tmp_path}")
+    assert intervals == [(0.0, 400.0)]
+    assert json.loads(Image.open(path).text["guidance_interval"]) == [0.0, 400.0]
+
+
 def test_stage_1_checkpoint_and_bad_sizes_are_refused(tiny_ldm_ckpt, tiny_autoencoder_ckpt, tmp_path):
     with pytest.raises(SamplingInputError, match=r"is a 'autoencoder' checkpoint, not a stage-2 \(ldm\) one"):
         sample_in_process(f"ckpt={tiny_autoencoder_ckpt}", *COMMON, f"out_dir={tmp_path}")
@@ -133,6 +150,10 @@ def test_stage_1_checkpoint_and_bad_sizes_are_refused(tiny_ldm_ckpt, tiny_autoen
         sample_in_process(f"ckpt={tiny_ldm_ckpt}", *COMMON, "mask=mask.png", f"out_dir={tmp_path}")
     with pytest.raises(SamplingInputError, match=r"guidance_rescale=1.5 must be in \[0, 1\]"):
         sample_in_process(f"ckpt={tiny_ldm_ckpt}", *COMMON, "guidance_rescale=1.5", f"out_dir={tmp_path}")
+    with pytest.raises(SamplingInputError, match=r"guidance_interval=\[500,400\] needs 0 <= lo <= hi"):
+        sample_in_process(f"ckpt={tiny_ldm_ckpt}", *COMMON, "guidance_interval=[500,400]", f"out_dir={tmp_path}")
+    with pytest.raises(SamplingInputError, match=r"must be two timesteps \[lo,hi\]"):
+        sample_in_process(f"ckpt={tiny_ldm_ckpt}", *COMMON, "guidance_interval=[1,2,3]", f"out_dir={tmp_path}")
     assert not list(tmp_path.glob("*.png"))
 
 

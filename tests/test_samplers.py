@@ -307,6 +307,37 @@ def test_guidance_rescale_matches_diffusers() -> None:
         ClassifierFreeGuidance(model, context, uncond, scale=7.5, rescale=1.5)
 
 
+def test_guidance_interval_guides_inside_it_and_is_conditional_outside() -> None:
+    model = CountingModel()
+    context, uncond = torch.randn(2, 5, 16), torch.randn(1, 5, 16)
+    x = torch.randn(SHAPE)
+    limited = ClassifierFreeGuidance(model, context, uncond, scale=7.5, interval=(0, 400))
+    everywhere = ClassifierFreeGuidance(model, context, uncond, scale=7.5)
+    inside, outside, mixed = torch.tensor([10.0, 400.0]), torch.tensor([401.0, 999.0]), torch.tensor([400.0, 700.0])
+    torch.testing.assert_close(limited(x, inside), everywhere(x, inside))
+    model.batches.clear()
+    out = limited(x, outside)
+    assert model.batches == [2]  # no unconditional pass outside the interval
+    torch.testing.assert_close(out, model(x, outside, context))
+    both = limited(x, mixed)
+    torch.testing.assert_close(both[0], everywhere(x, mixed)[0])
+    torch.testing.assert_close(both[1], model(x, mixed, context)[1])
+    assert not torch.allclose(everywhere(x, outside), model(x, outside, context))
+    for bad in ((500, 400), (-1, 400)):
+        with pytest.raises(ValueError, match="guidance interval must be"):
+            ClassifierFreeGuidance(model, context, uncond, scale=7.5, interval=bad)
+
+
+def test_a_sampler_runs_the_unconditional_pass_only_on_the_steps_of_the_interval() -> None:
+    model = CountingModel()
+    schedule = NoiseSchedule(kind="scaled_linear", beta_start=0.00085, beta_end=0.012, zero_terminal_snr=True)
+    sampler = build_sampler("ddim", schedule, 10, prediction="v")
+    guided = ClassifierFreeGuidance(model, torch.randn(2, 5, 16), torch.randn(1, 5, 16), scale=5.0, interval=(0, 400))
+    sampler.sample(guided, torch.randn(SHAPE), progress=False)
+    assert [int(t) for t in sampler.timesteps] == [999, 899, 799, 699, 599, 499, 399, 299, 199, 99]
+    assert model.batches == [2] * 6 + [4] * 4
+
+
 def test_cfg_calls_the_model_once_per_step_with_a_doubled_batch() -> None:
     model = CountingModel()
     guided = ClassifierFreeGuidance(model, torch.randn(2, 5, 16), torch.randn(2, 5, 16), scale=3.0)
