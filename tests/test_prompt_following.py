@@ -65,9 +65,10 @@ def test_generate_mode_scores_every_prompt(tiny_ldm_ckpt: str, tmp_path: Path, c
     grid = tmp_path / "grid.png"
     result = prompt_following.main(
         ["generate", "--ckpt", tiny_ldm_ckpt, "--n", "6", "--steps", "2", "--guidance", "1", "3", "--batch-size", "4",
-         "--holdout-fraction", "0.5", "--device", "cpu", "--grid", str(grid), "--no-progress"]
+         "--holdout-fraction", "0.5", "--device", "cpu", "--grid", str(grid), "--no-progress", "--guidance-interval", "0", "400"]
     )  # fmt: skip
     assert result["training_steps"] == 10
+    assert result["guidance_interval"] == [0.0, 400.0]
     assert (result["n"], result["n_seen"], result["n_held_out"]) == (6, 3, 3)
     assert set(result["guidance"]) == {"1", "3"}
     for entry in result["guidance"].values():
@@ -81,6 +82,7 @@ def test_generate_mode_scores_every_prompt(tiny_ldm_ckpt: str, tmp_path: Path, c
     output = capsys.readouterr().out.strip().splitlines()
     assert json.loads(output[-1]) == json.loads(json.dumps(result))
     assert any(line.startswith("chance") for line in output)
+    assert any("guidance interval t in [0, 400]" in line for line in output)
 
 
 def test_sampling_is_per_prompt_seeded(tiny_ldm_ckpt: str) -> None:
