@@ -320,11 +320,13 @@ def generation_report(result: dict[str, Any]) -> str:
         ]
     rows.append(("chance", result["chance"], None))
     timings = ", ".join(f"cfg {scale}: {entry['sampling_seconds']:.1f} s" for scale, entry in result["guidance"].items())
+    interval = result["guidance_interval"]
+    guided_steps = f"t in [{interval[0]:g}, {interval[1]:g}]" if interval else "all steps"
     return "\n".join(
         [
             f"checkpoint {result['checkpoint']} ({result['training_steps']} training steps)",
             f"{result['sampler']} {result['steps']} steps ({result['spacing']}), guidance rescale {result['guidance_rescale']:g}, "
-            f"guidance interval {'t in [%g, %g]' % tuple(result['guidance_interval']) if result.get('guidance_interval') else 'all steps'}, {result['size']}x{result['size']}, seeds {result['seed']}..{result['seed'] + result['n'] - 1}, "
+            f"guidance interval {guided_steps}, {result['size']}x{result['size']}, seeds {result['seed']}..{result['seed'] + result['n'] - 1}, "
             f"held-out pairs {', '.join(' '.join(pair) for pair in result['held_out_pairs'])}",
             "accuracy in % (overall: ± binomial 95% half-width)",
             format_table(rows, "guidance / prompts"),

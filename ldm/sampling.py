@@ -21,6 +21,7 @@ from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
 from ldm.checkpoints import CheckpointStageError
+from ldm.diffusion.guidance import checked_interval, checked_rescale
 from ldm.diffusion.samplers import SAMPLERS, Sampler
 from ldm.pipeline import check_image_size, generate_images
 from ldm.training.ldm_module import LatentDiffusionModule
@@ -149,19 +150,6 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def guidance_interval(value: Any) -> tuple[float, float] | None:
-    """`guidance_interval=[lo,hi]` (DDPM timesteps) -> (lo, hi); null -> None (guide every step)."""
-    if value is None:
-        return None
-    try:
-        lo, hi = (float(v) for v in value)
-    except (TypeError, ValueError):
-        raise SamplingInputError(f"guidance_interval={value} must be two timesteps [lo,hi], e.g. guidance_interval=[0,400], or null.") from None
-    if not 0.0 <= lo <= hi:
-        raise SamplingInputError(f"guidance_interval=[{lo:g},{hi:g}] needs 0 <= lo <= hi (DDPM timesteps, 999 the noisiest).")
-    return lo, hi
-
-
 @torch.no_grad()
 def sample(cfg: DictConfig) -> list[Path]:
     """Runs sample.yaml's settings; returns the paths of the image PNGs (the grid is `grid.png` beside them)."""
@@ -171,9 +159,14 @@ def sample(cfg: DictConfig) -> list[Path]:
         raise SamplingInputError("mask=PATH needs init_image=PATH: inpainting regenerates the white part of the mask in that image.")
     if cfg.strength != 1.0 and not cfg.init_image:
         raise SamplingInputError(f"strength={cfg.strength} needs init_image=PATH (img2img).")
-    if not 0.0 <= cfg.guidance_rescale <= 1.0:
-        raise SamplingInputError(f"guidance_rescale={cfg.guidance_rescale} must be in [0, 1] (0 is off, 0.7 is Lin et al.'s).")
-    interval = guidance_interval(cfg.get("guidance_interval"))
+    try:
+        checked_rescale(cfg.guidance_rescale)
+    except ValueError as err:
+        raise SamplingInputError(f"guidance_rescale={cfg.guidance_rescale}: {err}") from None
+    try:
+        interval = checked_interval(cfg.guidance_interval)
+    except ValueError as err:
+        raise SamplingInputError(f"guidance_interval={cfg.guidance_interval}: {err}") from None
     prompts = read_prompts(cfg.prompt, cfg.prompts_file)
     device = pick_device(cfg.device)
     model = load_model(cfg.ckpt, device)

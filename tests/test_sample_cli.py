@@ -148,11 +148,11 @@ def test_stage_1_checkpoint_and_bad_sizes_are_refused(tiny_ldm_ckpt, tiny_autoen
         sample_in_process(f"ckpt={tiny_ldm_ckpt}", f"prompt={PROMPT}", "H=31", "W=32", f"out_dir={tmp_path}")
     with pytest.raises(SamplingInputError, match=r"mask=PATH needs init_image=PATH"):
         sample_in_process(f"ckpt={tiny_ldm_ckpt}", *COMMON, "mask=mask.png", f"out_dir={tmp_path}")
-    with pytest.raises(SamplingInputError, match=r"guidance_rescale=1.5 must be in \[0, 1\]"):
+    with pytest.raises(SamplingInputError, match=r"guidance_rescale=1.5: guidance rescale must be in \[0, 1\]"):
         sample_in_process(f"ckpt={tiny_ldm_ckpt}", *COMMON, "guidance_rescale=1.5", f"out_dir={tmp_path}")
-    with pytest.raises(SamplingInputError, match=r"guidance_interval=\[500,400\] needs 0 <= lo <= hi"):
+    with pytest.raises(SamplingInputError, match=r"guidance_interval=\[500, 400\]: guidance interval must be \(lo, hi\) timesteps with 0 <= lo <= hi"):
         sample_in_process(f"ckpt={tiny_ldm_ckpt}", *COMMON, "guidance_interval=[500,400]", f"out_dir={tmp_path}")
-    with pytest.raises(SamplingInputError, match=r"must be two timesteps \[lo,hi\]"):
+    with pytest.raises(SamplingInputError, match=r"guidance_interval=\[1, 2, 3\]: guidance interval must be two timesteps"):
         sample_in_process(f"ckpt={tiny_ldm_ckpt}", *COMMON, "guidance_interval=[1,2,3]", f"out_dir={tmp_path}")
     assert not list(tmp_path.glob("*.png"))
 

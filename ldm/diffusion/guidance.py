@@ -2,12 +2,33 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Callable
 
 import torch
 from torch import Tensor
 
 ConditionalModel = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+def checked_rescale(rescale: float) -> float:
+    """Lin et al.'s φ, which must lie in [0, 1]."""
+    if not 0.0 <= rescale <= 1.0:
+        raise ValueError(f"guidance rescale must be in [0, 1] (0 is off, 0.7 is Lin et al.'s), got {rescale}")
+    return float(rescale)
+
+
+def checked_interval(interval: Sequence[float] | None) -> tuple[float, float] | None:
+    """(lo, hi) DDPM timesteps with 0 <= lo <= hi, or None (guide every step)."""
+    if interval is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in interval)
+    except (TypeError, ValueError):
+        raise ValueError(f"guidance interval must be two timesteps (lo, hi), got {interval}") from None
+    if not 0.0 <= lo <= hi:
+        raise ValueError(f"guidance interval must be (lo, hi) timesteps with 0 <= lo <= hi (999 the noisiest), got ({lo:g}, {hi:g})")
+    return lo, hi
 
 
 class ClassifierFreeGuidance:
@@ -25,7 +46,8 @@ class ClassifierFreeGuidance:
     conditional prediction alone elsewhere (one forward, no unconditional pass): Kynkäänniemi et al.
     2024, "Applying guidance in a limited interval". Guidance at the highest noise levels, where the
     layout and colours are chosen, pushes samples toward the few modes the conditional and
-    unconditional predictions disagree on most; at the lowest it mostly sharpens.
+    unconditional predictions disagree on most; at the lowest it mostly sharpens. Deciding whether a
+    step needs the unconditional pass reads one boolean back from the device per step.
     """
 
     def __init__(
@@ -35,22 +57,16 @@ class ClassifierFreeGuidance:
         uncond_context: Tensor,
         scale: float,
         rescale: float = 0.0,
-        interval: tuple[float, float] | None = None,
+        interval: Sequence[float] | None = None,
     ) -> None:
         if context.shape[1:] != uncond_context.shape[1:]:
             raise ValueError(f"context {tuple(context.shape)} and uncond_context {tuple(uncond_context.shape)} differ past the batch dimension")
-        if not 0.0 <= rescale <= 1.0:
-            raise ValueError(f"guidance rescale must be in [0, 1], got {rescale}")
-        if interval is not None:
-            interval = (float(interval[0]), float(interval[1]))
-            if not 0.0 <= interval[0] <= interval[1]:
-                raise ValueError(f"guidance interval must be (lo, hi) timesteps with 0 <= lo <= hi, got {interval}")
         self.model = model
         self.context = context
         self.uncond_context = uncond_context
         self.scale = scale
-        self.rescale = rescale
-        self.interval = interval
+        self.rescale = checked_rescale(rescale)
+        self.interval = checked_interval(interval)
 
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
         if self.interval is None:

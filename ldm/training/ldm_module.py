@@ -355,9 +355,7 @@ class LatentDiffusionModule(pl.LightningModule):
     def configure_optimizers(self) -> dict:
         optimizer = hydra.utils.instantiate(self.hparams.optimizer)(self.unet.parameters())
         h = self.hparams
-        multiplier = warmup_cosine(
-            h.lr_warmup_steps, h.get("lr_decay_steps"), h.get("lr_min_ratio", 0.0), h.get("lr_decay_start")
-        )
+        multiplier = warmup_cosine(h.lr_warmup_steps, h.lr_decay_steps, h.lr_min_ratio, h.lr_decay_start)
         scheduler = LambdaLR(optimizer, multiplier)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
