@@ -135,19 +135,43 @@ def test_sd_checkpoint_weights_reproduce_diffusers_encode_and_decode(kl_f8_from_
     torch.testing.assert_close(decoded, reference, atol=1e-5, rtol=1e-5)
 
 
-def test_our_state_dict_goes_through_diffusers_own_converter(kl_f8_from_sd_checkpoint, diffusers_vae):
+def test_export_to_diffusers_goes_through_diffusers_own_converter(kl_f8_from_sd_checkpoint, diffusers_vae):
     """With the numerical test above, this shows our weights can be handed to diffusers unchanged."""
-    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+    from ldm.diffusers_export import autoencoder_to_diffusers
 
-    ours = {f"first_stage_model.{key}": value for key, value in kl_f8_from_sd_checkpoint.state_dict().items()}
-    converted = convert_ldm_vae_checkpoint(ours, SD_VAE_DIFFUSERS_CONFIG)
-    with torch.device("meta"):
-        reference = type(diffusers_vae)(**SD_VAE_DIFFUSERS_CONFIG)
-    reference.load_state_dict(converted, strict=True, assign=True)
+    exported = autoencoder_to_diffusers(kl_f8_from_sd_checkpoint)
     expected = diffusers_vae.state_dict()
-    assert converted.keys() == expected.keys()
-    mismatched = [key for key, value in converted.items() if not torch.equal(value, expected[key])]
+    exported_state = exported.state_dict()
+    assert exported_state.keys() == expected.keys()
+    mismatched = [key for key, value in exported_state.items() if not torch.equal(value, expected[key])]
     assert mismatched == []
+
+
+def test_a_narrow_autoencoder_exports_with_its_own_widths_and_groups():
+    from ldm.diffusers_export import autoencoder_to_diffusers
+
+    generator = torch.Generator().manual_seed(0)
+    ours = instantiate(load_config("autoencoder_tiny")).eval()
+    with torch.no_grad():
+        for param in ours.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
+    exported = autoencoder_to_diffusers(ours)
+    x = torch.randn(2, 3, 32, 32, generator=generator)
+    z = torch.randn(2, 4, 16, 16, generator=generator)
+    with torch.no_grad():
+        torch.testing.assert_close(exported.encode(x).latent_dist.mean, ours.encode(x).mean, atol=1e-5, rtol=1e-5)
+        decoded, reference = ours.decode(z), exported.decode(z).sample
+    assert reference.abs().max() > 0.1
+    torch.testing.assert_close(decoded, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_export_to_diffusers_refuses_attention_diffusers_cannot_hold():
+    from ldm.diffusers_export import autoencoder_to_diffusers
+
+    config = OmegaConf.to_container(load_config("autoencoder_tiny"))
+    config.update(attn_resolutions=[config["resolution"]])
+    with pytest.raises(ValueError, match="middle block only"):
+        autoencoder_to_diffusers(instantiate(config))
 
 
 def test_kl_matches_closed_form_for_hand_numbers():

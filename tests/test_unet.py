@@ -2,7 +2,6 @@
 
 import copy
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +11,12 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
+from ldm.diffusers_export import SD_UNET_PREFIX as SD_PREFIX
+from ldm.diffusers_export import unet_to_diffusers
 from ldm.modules.timestep import timestep_embedding
 from ldm.modules.unet import UNetModel
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "model"
-SD_PREFIX = "model.diffusion_model."
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -56,47 +56,11 @@ def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
-def ldm_unet_params(config: dict[str, Any]) -> dict[str, Any]:
-    """The `unet_config.params` an SD yaml would carry for this model (SD 2.x yamls omit num_heads)."""
-    params = {k: v for k, v in config.items() if k != "_target_"}
-    if params["num_head_channels"] != -1:
-        del params["num_heads"]
-    return params
-
-
-def to_diffusers(model: UNetModel, config: dict[str, Any]) -> nn.Module:
-    """Our weights, through diffusers' own single-file converter, in a diffusers UNet2DConditionModel."""
-    from diffusers import UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import (
-        convert_ldm_unet_checkpoint,
-        create_unet_diffusers_config_from_ldm,
-    )
-
-    checkpoint = {SD_PREFIX + k: v for k, v in model.state_dict().items()}
-    original_config = {
-        "model": {
-            "params": {
-                "unet_config": {"params": ldm_unet_params(config)},
-                "first_stage_config": {"params": {"ddconfig": {"ch_mult": [1, 2, 4, 4]}}},
-            }
-        }
-    }
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        diffusers_config = create_unet_diffusers_config_from_ldm(original_config, checkpoint, image_size=512)
-    converted = convert_ldm_unet_checkpoint(checkpoint, diffusers_config)
-    assert len(converted) == len(checkpoint), "the converter dropped or invented tensors"
-    with torch.device("meta"):
-        reference = UNet2DConditionModel(**diffusers_config)
-    reference.load_state_dict(converted, strict=True, assign=True)
-    return reference.eval()
-
-
 def assert_same_as_diffusers(config: dict[str, Any], latent_size: int, tokens: int) -> None:
     with torch.device("meta"):
         model = instantiate(config)
     model = randomize_(model.to_empty(device="cpu")).eval()
-    reference = to_diffusers(model, config)
+    reference = unet_to_diffusers(model, config)
 
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(2, 4, latent_size, latent_size, generator=generator)
