@@ -143,3 +143,29 @@ def test_update_rejects_a_different_model() -> None:
     ema = EMA(small_model())
     with pytest.raises(ValueError, match="do not match"):
         ema.update(nn.Linear(3, 2))
+
+
+def test_a_moved_model_and_a_second_model_are_still_averaged() -> None:
+    """The parameter pairing is kept between updates: it must follow `.to()` (which swaps the tensors'
+    storage under the same Parameter objects) and must not be reused for another model object."""
+    model = small_model()
+    ema = EMA(model, decay=0.5, warmup=False)
+    ema.update(model)
+    model.to(torch.float64)
+    ema.to(torch.float64)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(2.0)
+    before = [p.clone() for p in ema.module.parameters()]
+    ema.update(model)
+    for shadow, old in zip(ema.module.parameters(), before):
+        torch.testing.assert_close(shadow, 0.5 * old + 1.0)
+
+    twin = small_model().to(torch.float64)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.fill_(-4.0)
+    before = [p.clone() for p in ema.module.parameters()]
+    ema.update(twin)
+    for shadow, old in zip(ema.module.parameters(), before):
+        torch.testing.assert_close(shadow, 0.5 * old - 2.0)

@@ -56,6 +56,20 @@ def test_tokenizer_produces_real_bpe_tokens() -> None:
     assert tokens[0, 5:].eq(0).all()
 
 
+def test_kept_token_rows_equal_fresh_tokenisation_also_when_the_cache_starts_over(monkeypatch) -> None:
+    import ldm.modules.text_encoder as text_encoder
+
+    encoder = tiny_encoder()
+    batches = [CAPTIONS, ["a red circle", "a green triangle", "a red circle"], CAPTIONS[::-1], ["x y", "a red circle"]]
+    monkeypatch.setattr(text_encoder, "TOKEN_CACHE_SIZE", 4)
+    for batch in batches:
+        assert torch.equal(encoder.tokenize(batch), encoder.tokenizer(batch))
+        assert len(encoder._token_rows) <= 4
+    rows = encoder.tokenize(["a red circle"])
+    rows.zero_()
+    assert encoder.tokenize(["a red circle"])[0, 0].item() == 49406, "a caller's tensor must not alias the cache"
+
+
 def test_long_captions_are_truncated_with_an_end_token() -> None:
     tokens = tiny_encoder().tokenize(["circle " * 200])
     assert tokens.shape == (1, 77)

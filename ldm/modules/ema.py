@@ -1,6 +1,7 @@
 """Exponential moving average of a model's weights (the EMA UNet used for sampling and export)."""
 
 import copy
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -35,17 +36,24 @@ class EMA(nn.Module):
         self.module.train(False)
         device = next(iter(self.module.parameters()), torch.empty(0)).device
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long, device=device))
+        self._paired: tuple[weakref.ref, list[Tensor], list[Tensor]] | None = None
 
     def train(self, mode: bool = True) -> "EMA":
         """The averaged copy is only ever evaluated, so it stays in eval mode."""
         return super().train(False)
 
     def _pairs(self, model: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
+        """(averaged, live) parameter lists, matched by name on the first call for a given `model` object
+        and kept: walking a UNet's modules every optimizer step cost more than the averaging itself.
+        Moving a module (`.to`) keeps its Parameter objects, so the kept lists stay valid."""
+        if self._paired is not None and self._paired[0]() is model:
+            return self._paired[1], self._paired[2]
         shadow = _floating_parameters(self.module)
         live = _floating_parameters(model)
         if [n for n, _ in shadow] != [n for n, _ in live]:
             raise ValueError("The model's parameters do not match the ones this EMA was created from")
-        return [p for _, p in shadow], [p for _, p in live]
+        self._paired = (weakref.ref(model), [p for _, p in shadow], [p for _, p in live])
+        return self._paired[1], self._paired[2]
 
     def current_decay(self) -> Tensor:
         """The decay the next update will use, as a device tensor."""
@@ -58,7 +66,7 @@ class EMA(nn.Module):
     def update(self, model: nn.Module) -> None:
         shadow, live = self._pairs(model)
         weight = 1.0 - self.current_decay()
-        torch._foreach_lerp_(shadow, [p.detach() for p in live], weight)
+        torch._foreach_lerp_(shadow, live, weight)
         self._copy_buffers(src=model, dst=self.module)
         self.num_updates.add_(1)
 

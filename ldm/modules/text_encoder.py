@@ -33,6 +33,7 @@ from torch import Tensor, nn
 logger = logging.getLogger(__name__)
 
 LAYERS = ("last", "penultimate")
+TOKEN_CACHE_SIZE = 65536
 _NON_TEXT_KEYS = ("logit_scale", "logit_bias")
 _TOWER_PREFIXES = ("text_tower.", "text.")
 
@@ -167,6 +168,7 @@ class OpenCLIPTextEncoder(nn.Module):
             torch.manual_seed(seed)
             self.text_tower = _build_text_tower(resolved_cfg["embed_dim"], text_cfg, quick_gelu=quick_gelu)
         self.tokenizer = _tokenizer(max_length, tuple(sorted(text_cfg.get("tokenizer_kwargs", {}).items())))
+        self._token_rows: dict[str, Tensor] = {}
         if weights is None:
             logger.warning(
                 "The text encoder is RANDOMLY INITIALISED (arch=%s, seed=%d, no pretrained tag or weights_path): "
@@ -245,8 +247,18 @@ class OpenCLIPTextEncoder(nn.Module):
         return super().train(False)
 
     def tokenize(self, captions: list[str]) -> Tensor:
-        """BPE token ids ``(B, max_length)``: start token, caption (truncated), end token, zero padding."""
-        return self.tokenizer(list(captions))
+        """BPE token ids ``(B, max_length)``: start token, caption (truncated), end token, zero padding.
+
+        Rows are kept per caption (up to TOKEN_CACHE_SIZE captions, then the cache starts over): a dataset
+        with a finite set of captions, and the empty unconditional caption, is tokenised once, not at every
+        step (tokenising 32 captions cost ~16 ms, a sixth of a small model's GPU step)."""
+        missing = list(dict.fromkeys(c for c in captions if c not in self._token_rows))
+        if len(self._token_rows) + len(missing) > TOKEN_CACHE_SIZE:
+            self._token_rows.clear()
+            missing = list(dict.fromkeys(captions))
+        if missing:
+            self._token_rows.update(zip(missing, self.tokenizer(missing)))
+        return torch.stack([self._token_rows[c] for c in captions])
 
     @torch.no_grad()
     def encode_tokens(self, tokens: Tensor) -> Tensor:
