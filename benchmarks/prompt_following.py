@@ -131,6 +131,7 @@ def sample_cases(
     progress: tqdm | None = None,
     guidance_rescale: float = 0.0,
     guidance_interval: tuple[float, float] | None = None,
+    use_ema: bool = True,
 ) -> Tensor:
     """One ``size x size`` image per case (its prompt, its seed), in [-1, 1] on the CPU, in batches."""
     images = []
@@ -146,6 +147,7 @@ def sample_cases(
             guidance_scale=guidance_scale,
             guidance_rescale=guidance_rescale,
             guidance_interval=guidance_interval,
+            use_ema=use_ema,
         )
         images.append(decoded.float().cpu())
         if progress is not None:
@@ -193,6 +195,7 @@ def generation_benchmark(
     device: str = "auto",
     grid: str | Path | None = None,
     progress: bool = True,
+    use_ema: bool = True,
 ) -> dict[str, Any]:
     """Samples ``n`` drawn captions at every guidance scale (same seeds) and scores them; see the module doc.
 
@@ -213,7 +216,7 @@ def generation_benchmark(
         bar.set_postfix(guidance=f"{scale:g}")
         _synchronize(torch_device)
         started = time.perf_counter()
-        images = sample_cases(model, sampler, cases, float(scale), size, batch_size, bar, guidance_rescale, guidance_interval)
+        images = sample_cases(model, sampler, cases, float(scale), size, batch_size, bar, guidance_rescale, guidance_interval, use_ema)
         _synchronize(torch_device)
         seconds = time.perf_counter() - started
         accuracies = subset_scores(images, cases)
@@ -234,6 +237,7 @@ def generation_benchmark(
         "steps": steps,
         "guidance_rescale": guidance_rescale,
         "guidance_interval": list(guidance_interval) if guidance_interval else None,
+        "weights": "ema" if use_ema else "raw",
         "size": size,
         "n": n,
         "n_seen": sum(not case.held_out for case in cases),
@@ -324,7 +328,7 @@ def generation_report(result: dict[str, Any]) -> str:
     guided_steps = f"t in [{interval[0]:g}, {interval[1]:g}]" if interval else "all steps"
     return "\n".join(
         [
-            f"checkpoint {result['checkpoint']} ({result['training_steps']} training steps)",
+            f"checkpoint {result['checkpoint']} ({result['training_steps']} training steps, {result.get('weights', 'ema')} weights)",
             f"{result['sampler']} {result['steps']} steps ({result['spacing']}), guidance rescale {result['guidance_rescale']:g}, "
             f"guidance interval {guided_steps}, {result['size']}x{result['size']}, seeds {result['seed']}..{result['seed'] + result['n'] - 1}, "
             f"held-out pairs {', '.join(' '.join(pair) for pair in result['held_out_pairs'])}",
@@ -375,6 +379,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     generate.add_argument("--device", default="auto")
     generate.add_argument("--grid", default=None, help="PNG of the first 32 samples per guidance scale")
     generate.add_argument("--no-progress", action="store_true")
+    generate.add_argument("--no-ema", action="store_true", help="sample with the trained weights, not their EMA")
     return parser.parse_args(argv)
 
 
@@ -401,6 +406,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             device=args.device,
             grid=args.grid,
             progress=not args.no_progress,
+            use_ema=not args.no_ema,
         )
         print(generation_report(result))
     print(json.dumps(result))

@@ -106,3 +106,16 @@ def test_detector_mode_reads_clean_shapes(tiny_autoencoder_ckpt: str, capsys) ->
     assert result["training_steps"] == 30
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["psnr"] == pytest.approx(result["psnr"])
 
+
+
+def test_no_ema_samples_with_the_trained_weights(tiny_ldm_ckpt: str) -> None:
+    """`--no-ema` must reach the pipeline: the tiny run's EMA differs from its weights, so do the images."""
+    model = prompt_following.load_model(tiny_ldm_ckpt, torch.device("cpu"))
+    sampler = prompt_following.build_sampler("ddim", model.schedule, 2, prediction=model.hparams.prediction)
+    cases = prompt_following.draw_cases(2, seed=0, holdout_fraction=0.0)
+    ema = prompt_following.sample_cases(model, sampler, cases, 3.0, 32, batch_size=2)
+    raw = prompt_following.sample_cases(model, sampler, cases, 3.0, 32, batch_size=2, use_ema=False)
+    assert (ema - raw).abs().max() > 1e-3
+    with torch.no_grad():
+        model.ema.copy_to(model.unet)
+    assert torch.equal(prompt_following.sample_cases(model, sampler, cases, 3.0, 32, batch_size=2, use_ema=False), ema)
