@@ -328,7 +328,7 @@ def generation_report(result: dict[str, Any]) -> str:
     guided_steps = f"t in [{interval[0]:g}, {interval[1]:g}]" if interval else "all steps"
     return "\n".join(
         [
-            f"checkpoint {result['checkpoint']} ({result['training_steps']} training steps, {result.get('weights', 'ema')} weights)",
+            f"checkpoint {result['checkpoint']} ({result['training_steps']} training steps, {result['weights']} weights)",
             f"{result['sampler']} {result['steps']} steps ({result['spacing']}), guidance rescale {result['guidance_rescale']:g}, "
             f"guidance interval {guided_steps}, {result['size']}x{result['size']}, seeds {result['seed']}..{result['seed'] + result['n'] - 1}, "
             f"held-out pairs {', '.join(' '.join(pair) for pair in result['held_out_pairs'])}",

@@ -127,13 +127,20 @@ def measured_tflop_per_image(model: nn.Module, diffusers_api: bool, latent: int,
     return counter.get_total_flops() / 1e12
 
 
+def with_mfu(figures: dict[str, Any], image_size: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Adds model-FLOPs utilisation where the issue gives the FLOPs of an image of this size."""
+    if image_size in TRAIN_TFLOP_PER_IMAGE and not args.tiny:
+        figures["mfu"] = figures["img_per_s"] * TRAIN_TFLOP_PER_IMAGE[image_size] / args.peak_tflops
+    return figures
+
+
 def training_throughput(model: nn.Module, diffusers_api: bool, batch: int, latent: int, context_dim: int, device: str, steps: int, warmup: int) -> dict[str, Any]:
     generator = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(batch, 4, latent, latent, device=device, generator=generator)
     target = torch.randn(batch, 4, latent, latent, device=device, generator=generator)
     context = torch.randn(batch, 77, context_dim, device=device, generator=generator)
     t = torch.randint(0, 1000, (batch,), device=device, generator=generator)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.startswith("cuda"))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     reset_peak(device)
     synchronize(device)
     start = time.perf_counter()
@@ -161,15 +168,11 @@ def run_training(args: argparse.Namespace, results: dict[str, Any], json_path: P
             model.train()
             figures = training_throughput(model, diffusers_api, batch, latent, context_dim, args.device, args.train_steps, args.warmup)
             figures["tflop_per_image_counted"] = measured_tflop_per_image(model, diffusers_api, latent, context_dim, args.device)
-            if image_size in TRAIN_TFLOP_PER_IMAGE and not args.tiny:
-                figures["mfu"] = figures["img_per_s"] * TRAIN_TFLOP_PER_IMAGE[image_size] / args.peak_tflops
-            report(results, f"train/{image_size}/{name}", figures, json_path)
+            report(results, f"train/{image_size}/{name}", with_mfu(figures, image_size, args), json_path)
         if args.compile and image_size == max(args.sizes) and not late(args.deadline):
             compiled = torch.compile(unet)
             figures = training_throughput(compiled, False, batch, latent, context_dim, args.device, args.train_steps, args.warmup)
-            if image_size in TRAIN_TFLOP_PER_IMAGE and not args.tiny:
-                figures["mfu"] = figures["img_per_s"] * TRAIN_TFLOP_PER_IMAGE[image_size] / args.peak_tflops
-            report(results, f"train/{image_size}/ours_compiled", figures, json_path)
+            report(results, f"train/{image_size}/ours_compiled", with_mfu(figures, image_size, args), json_path)
         ratio = results[f"train/{image_size}/ours"]["img_per_s"] / results[f"train/{image_size}/diffusers"]["img_per_s"]
         print(f"train {image_size}²: ours/diffusers throughput {ratio:.3f}", flush=True)
     del unet, theirs

@@ -14,11 +14,9 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from ldm.checkpoints import SD_PREFIXES
 from ldm.modules.autoencoder import KLAutoencoder
 from ldm.modules.unet import UNetModel
-
-SD_UNET_PREFIX = "model.diffusion_model."
-
 
 def _ldm_unet_params(config: Mapping[str, Any]) -> dict[str, Any]:
     """The `unet_config.params` an SD yaml would carry for this model (SD 2.x yamls omit num_heads)."""
@@ -36,7 +34,7 @@ def unet_to_diffusers(model: UNetModel, config: Mapping[str, Any]) -> nn.Module:
     from diffusers import UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
 
-    checkpoint = {SD_UNET_PREFIX + k: v for k, v in model.state_dict().items()}
+    checkpoint = {SD_PREFIXES["unet"] + k: v for k, v in model.state_dict().items()}
     original_config = {
         "model": {
             "params": {
@@ -75,7 +73,7 @@ def autoencoder_to_diffusers(model: KLAutoencoder) -> nn.Module:
         latent_channels=model.latent_channels,
         norm_num_groups=encoder.norm_out.num_groups,
     )
-    checkpoint = {"first_stage_model." + k: v for k, v in model.state_dict().items()}
+    checkpoint = {SD_PREFIXES["autoencoder"] + k: v for k, v in model.state_dict().items()}
     converted = convert_ldm_vae_checkpoint(checkpoint, config)
     with torch.device("meta"):
         exported = AutoencoderKL(**config)

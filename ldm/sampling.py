@@ -8,7 +8,7 @@ import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import hydra
 import numpy as np
@@ -150,6 +150,14 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def checked_setting(cfg: DictConfig, key: str, check: Callable[[Any], Any]) -> Any:
+    """`check(cfg[key])`, its ValueError re-raised as a SamplingInputError that names the key."""
+    try:
+        return check(cfg[key])
+    except ValueError as err:
+        raise SamplingInputError(f"{key}={cfg[key]}: {err}") from None
+
+
 @torch.no_grad()
 def sample(cfg: DictConfig) -> list[Path]:
     """Runs sample.yaml's settings; returns the paths of the image PNGs (the grid is `grid.png` beside them)."""
@@ -159,14 +167,8 @@ def sample(cfg: DictConfig) -> list[Path]:
         raise SamplingInputError("mask=PATH needs init_image=PATH: inpainting regenerates the white part of the mask in that image.")
     if cfg.strength != 1.0 and not cfg.init_image:
         raise SamplingInputError(f"strength={cfg.strength} needs init_image=PATH (img2img).")
-    try:
-        checked_rescale(cfg.guidance_rescale)
-    except ValueError as err:
-        raise SamplingInputError(f"guidance_rescale={cfg.guidance_rescale}: {err}") from None
-    try:
-        interval = checked_interval(cfg.guidance_interval)
-    except ValueError as err:
-        raise SamplingInputError(f"guidance_interval={cfg.guidance_interval}: {err}") from None
+    checked_setting(cfg, "guidance_rescale", checked_rescale)
+    interval = checked_setting(cfg, "guidance_interval", checked_interval)
     prompts = read_prompts(cfg.prompt, cfg.prompts_file)
     device = pick_device(cfg.device)
     model = load_model(cfg.ckpt, device)

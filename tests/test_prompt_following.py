@@ -107,7 +107,6 @@ def test_detector_mode_reads_clean_shapes(tiny_autoencoder_ckpt: str, capsys) ->
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["psnr"] == pytest.approx(result["psnr"])
 
 
-
 def test_no_ema_samples_with_the_trained_weights(tiny_ldm_ckpt: str) -> None:
     """`--no-ema` must reach the pipeline: the tiny run's EMA differs from its weights, so do the images."""
     model = prompt_following.load_model(tiny_ldm_ckpt, torch.device("cpu"))

@@ -11,12 +11,13 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
-from ldm.diffusers_export import SD_UNET_PREFIX as SD_PREFIX
+from ldm.checkpoints import SD_PREFIXES
 from ldm.diffusers_export import unet_to_diffusers
 from ldm.modules.timestep import timestep_embedding
 from ldm.modules.unet import UNetModel
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "model"
+SD_PREFIX = SD_PREFIXES["unet"]
 
 
 @pytest.fixture(autouse=True, scope="module")
