@@ -9,11 +9,12 @@ from omegaconf import DictConfig
 @hydra.main(version_base="1.3", config_path="configs", config_name="sample")
 def main(cfg: DictConfig) -> None:
     # Imported here so that --help and config errors answer without loading torch.
-    from ldm.sampling import SamplingInputError, sample
+    from ldm.errors import LdmError
+    from ldm.inference.sample import sample
 
     try:
         sample(cfg)
-    except SamplingInputError as err:
+    except LdmError as err:
         sys.exit(f"error: {err}")
 
 

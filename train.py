@@ -9,15 +9,13 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> None:
-    from ldm.checkpoints import CheckpointStageError
-    from ldm.data.latents import LatentCacheMismatchError
-    from ldm.training.nonfinite import NonFiniteLossError
-    from ldm.training.run import ConfigError, pin_run_dir, train
+    from ldm.errors import LdmError
+    from ldm.training.run import pin_run_dir, train
 
     pin_run_dir(cfg, HydraConfig.get().runtime.output_dir)  # one run directory for every rank
     try:
         train(cfg)
-    except (ConfigError, CheckpointStageError, LatentCacheMismatchError, FileNotFoundError, NonFiniteLossError) as err:
+    except (LdmError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
 

@@ -3,7 +3,7 @@
 `train`: training images per second of the `sd15` UNet (859.5M parameters) at 256² and 512² image
 sizes (32² and 64² latents), bf16 autocast, SDPA attention, fused AdamW, fp32 master weights: a full
 optimizer step per batch. Beside it, diffusers' `UNet2DConditionModel` holding the same weights
-(exported through diffusers' own converter, `ldm.diffusers_export`). MFU counts the model FLOPs the
+(exported through diffusers' own converter, `ldm.checkpoints.diffusers`). MFU counts the model FLOPs the
 issue gives (fwd+bwd ≈ 0.54 TFLOP per image at 256², 2.41 at 512²) against a dense bf16 peak
 (`--peak-tflops`, 989 for an H100 SXM); `torch.utils.flop_counter` measures them too, as a check.
 
@@ -35,7 +35,7 @@ import torch.nn.functional as F
 import yaml
 from torch import Tensor, nn
 
-from ldm.diffusers_export import autoencoder_to_diffusers, unet_to_diffusers
+from ldm.checkpoints.diffusers import autoencoder_to_diffusers, unet_to_diffusers
 from ldm.diffusion import ClassifierFreeGuidance, DDIMSampler, NoiseSchedule
 from ldm.modules.autoencoder import KLAutoencoder
 from ldm.modules.unet import UNetModel

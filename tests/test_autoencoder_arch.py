@@ -137,7 +137,7 @@ def test_sd_checkpoint_weights_reproduce_diffusers_encode_and_decode(kl_f8_from_
 
 def test_export_to_diffusers_goes_through_diffusers_own_converter(kl_f8_from_sd_checkpoint, diffusers_vae):
     """With the numerical test above, this shows our weights can be handed to diffusers unchanged."""
-    from ldm.diffusers_export import autoencoder_to_diffusers
+    from ldm.checkpoints.diffusers import autoencoder_to_diffusers
 
     exported = autoencoder_to_diffusers(kl_f8_from_sd_checkpoint)
     expected = diffusers_vae.state_dict()
@@ -148,7 +148,7 @@ def test_export_to_diffusers_goes_through_diffusers_own_converter(kl_f8_from_sd_
 
 
 def test_a_narrow_autoencoder_exports_with_its_own_widths_and_groups():
-    from ldm.diffusers_export import autoencoder_to_diffusers
+    from ldm.checkpoints.diffusers import autoencoder_to_diffusers
 
     generator = torch.Generator().manual_seed(0)
     ours = instantiate(load_config("autoencoder_tiny")).eval()
@@ -166,7 +166,7 @@ def test_a_narrow_autoencoder_exports_with_its_own_widths_and_groups():
 
 
 def test_export_to_diffusers_refuses_attention_diffusers_cannot_hold():
-    from ldm.diffusers_export import autoencoder_to_diffusers
+    from ldm.checkpoints.diffusers import autoencoder_to_diffusers
 
     config = OmegaConf.to_container(load_config("autoencoder_tiny"))
     config.update(attn_resolutions=[config["resolution"]])

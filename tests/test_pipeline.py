@@ -1,4 +1,4 @@
-"""ldm.pipeline: text-to-image, img2img and inpainting on the tiny stage-2 checkpoint."""
+"""ldm.inference.pipeline: text-to-image, img2img and inpainting on the tiny stage-2 checkpoint."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ import torch
 from torch import Tensor
 
 from ldm.diffusion import SAMPLERS, build_sampler
-from ldm.pipeline import (
+from ldm.inference import (
     check_image_size,
     denoise_latents,
-    encode_init_image,
     generate_images,
     latent_mask,
+    load_model,
     seeded_noise,
 )
 
@@ -22,17 +22,15 @@ PROMPT = "a large red square in the center on a white background"
 
 @pytest.fixture(scope="module")
 def model(tiny_ldm_ckpt):
-    from ldm.training.ldm_module import LatentDiffusionModule
-
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield LatentDiffusionModule.from_checkpoint(tiny_ldm_ckpt)
+    yield load_model(tiny_ldm_ckpt)
     torch.set_num_threads(threads)
 
 
 @pytest.fixture
 def ddim(model):
-    return build_sampler("ddim", model.schedule, 10, prediction=model.hparams.prediction)
+    return build_sampler("ddim", model.schedule, 10)
 
 
 @pytest.fixture
@@ -41,21 +39,6 @@ def init_image() -> Tensor:
     image = torch.ones(1, 3, SIZE, SIZE)
     image[:, 1:, 8:24, 8:24] = -1
     return image
-
-
-class RecordingModel:
-    """The model, with the latents it is asked to decode kept."""
-
-    def __init__(self, model) -> None:
-        self._model = model
-        self.decoded: Tensor | None = None
-
-    def __getattr__(self, name: str):
-        return getattr(self._model, name)
-
-    def decode_latents(self, z: Tensor) -> Tensor:
-        self.decoded = z
-        return self._model.decode_latents(z)
 
 
 def generate(model, sampler, seeds=(1,), **kwargs) -> Tensor:
@@ -85,13 +68,12 @@ def test_img2img_stays_closer_to_the_init_image_at_lower_strength(model, ddim, i
 
 
 def test_inpainting_regenerates_white_and_keeps_black_latents_exactly(model, ddim, init_image):
-    recording = RecordingModel(model)
     mask = torch.zeros(1, 1, SIZE, SIZE)
     mask[..., : SIZE // 2] = 1
-    generate(recording, ddim, init_image=init_image, mask=mask)
-    kept = encode_init_image(model, init_image)
+    latents = generate(model, ddim, init_image=init_image, mask=mask, decode=False)
+    kept = model.codec.encode(init_image, sample=False)
     factor = model.autoencoder.downsample_factor
-    regenerated, untouched = recording.decoded[..., : SIZE // 2 // factor], recording.decoded[..., SIZE // 2 // factor :]
+    regenerated, untouched = latents[..., : SIZE // 2 // factor], latents[..., SIZE // 2 // factor :]
     assert torch.equal(untouched, kept[..., SIZE // 2 // factor :])
     assert (regenerated - kept[..., : SIZE // 2 // factor]).abs().mean() > 0.1
 
@@ -116,7 +98,7 @@ def test_latent_mask_regenerates_a_latent_pixel_if_any_of_its_pixels_is_white():
 @pytest.mark.parametrize(("name", "options"), [("ddim", {}), ("euler_a", {}), ("ddim", {"eta": 1.0}), ("ddpm", {})])
 def test_image_k_depends_on_its_seed_only(model, name, options):
     """Also for the samplers that add fresh noise at every step: it comes from the image's own seed."""
-    sampler = build_sampler(name, model.schedule, 6, prediction=model.hparams.prediction, **options)
+    sampler = build_sampler(name, model.schedule, 6, **options)
     batch = generate(model, sampler, seeds=(5, 6, 7))
     alone = generate(model, sampler, seeds=(7,))
     torch.testing.assert_close(batch[2:], alone, atol=1e-5, rtol=0)
@@ -126,7 +108,7 @@ def test_image_k_depends_on_its_seed_only(model, name, options):
 
 @pytest.mark.parametrize("name", sorted(SAMPLERS))
 def test_every_sampler_runs_through_the_pipeline(model, name):
-    sampler = build_sampler(name, model.schedule, 3, prediction=model.hparams.prediction)
+    sampler = build_sampler(name, model.schedule, 3)
     first = generate(model, sampler, seeds=(3,))
     assert first.isfinite().all() and first.abs().max() <= 1
     assert torch.equal(generate(model, sampler, seeds=(3,)), first)
@@ -147,8 +129,8 @@ class CountingUNet(torch.nn.Module):
 def test_guidance_is_one_batched_unet_call_per_step(model, scale, per_call):
     unet = CountingUNet()
     context, uncond = torch.ones(3, 2, 8), torch.zeros(3, 2, 8)
-    sampler = build_sampler("ddim", model.schedule, 4, prediction=model.hparams.prediction)
-    denoise_latents(unet, sampler, context, uncond, scale, torch.randn(3, 4, 2, 2))
+    sampler = build_sampler("ddim", model.schedule, 4)
+    denoise_latents(unet, sampler, context, uncond, scale, torch.randn(3, 4, 2, 2), prediction=model.prediction)
     assert unet.batches == [per_call] * 4
 
 
@@ -157,7 +139,7 @@ def test_guided_loop_never_reads_tensor_values_on_the_host(model):
     context, uncond = torch.ones(2, 2, 8, device="meta"), torch.zeros(2, 2, 8, device="meta")
     x_T = torch.randn(2, 4, 2, 2, device="meta")
     for name in sorted(SAMPLERS):
-        out = denoise_latents(CountingUNet(), build_sampler(name, model.schedule, 3, prediction=model.hparams.prediction), context, uncond, 5.0, x_T, None)
+        out = denoise_latents(CountingUNet(), build_sampler(name, model.schedule, 3), context, uncond, 5.0, x_T, None, prediction=model.prediction)
         assert out.device.type == "meta"
 
 

@@ -16,7 +16,8 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from ldm.diffusion.schedule import NoiseSchedule
-from ldm.sampling import SamplingInputError, plan_jobs, read_prompts, sample, sampler_from_config
+from ldm.errors import SamplingInputError
+from ldm.inference.sample import plan_jobs, read_prompts, sample, sampler_from_config
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "a large red circle in the center on a white background"
@@ -92,6 +93,8 @@ def test_png_text_chunks_carry_the_settings(cli, tiny_ldm_ckpt):
     assert text["guidance_interval"] == "null"
     assert json.loads(text["sampler_options"])["spacing"] == "trailing"  # the tiny model's zero-terminal-SNR default
     assert text["checkpoint"] == str(Path(tiny_ldm_ckpt).resolve())
+    assert text["prediction"] == "v"
+    assert float(text["scale_factor"]) == pytest.approx(float(torch.load(tiny_ldm_ckpt, weights_only=True)["state_dict"]["scale_factor"]))
 
 
 def test_same_seed_gives_the_same_bytes_and_image_k_uses_seed_plus_k(cli, tiny_ldm_ckpt, tmp_path):
@@ -126,16 +129,16 @@ def test_bad_input_exits_with_a_message_and_no_traceback(cli, run, message):
 
 
 def test_a_guidance_interval_is_used_and_recorded(tiny_ldm_ckpt, tmp_path, monkeypatch):
-    import ldm.sampling
+    import ldm.inference.sample
 
     intervals = []
-    real = ldm.sampling.generate_images
+    real = ldm.inference.sample.generate_images
 
     def spy(*args, **kwargs):
         intervals.append(kwargs["guidance_interval"])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ldm.sampling, "generate_images", spy)
+    monkeypatch.setattr(ldm.inference.sample, "generate_images", spy)
     (path,) = sample_in_process(f"ckpt={tiny_ldm_ckpt}", *COMMON, "seed=3", "n_samples=1", "guidance_interval=[0,400]", f"out_dir={tmp_path}")
     assert intervals == [(0.0, 400.0)]
     assert json.loads(Image.open(path).text["guidance_interval"]) == [0.0, 400.0]
@@ -160,15 +163,15 @@ def test_stage_1_checkpoint_and_bad_sizes_are_refused(tiny_ldm_ckpt, tiny_autoen
 def test_sampler_shortcuts_apply_to_the_chosen_sampler():
     schedule = NoiseSchedule(kind="scaled_linear", beta_start=0.00085, beta_end=0.012)
     cfg = compose_sample_config("sampler=dpmpp_2m", "steps=7", "karras=true")
-    name, sampler, options = sampler_from_config(cfg.sampler, schedule, "v", {"steps": cfg.steps, "karras": cfg.karras, "eta": None})
-    assert (name, sampler.steps, sampler.karras, sampler.prediction) == ("dpmpp_2m", 7, True, "v")
+    sampler, options = sampler_from_config(cfg.sampler, schedule, {"steps": cfg.steps, "karras": cfg.karras, "eta": None})
+    assert (sampler.name, sampler.steps, sampler.karras) == ("dpmpp_2m", 7, True)
     assert options["karras"] is True
     cfg = compose_sample_config("sampler=ddim", "sampler.eta=1")
-    assert sampler_from_config(cfg.sampler, schedule, "eps", {})[1].eta == 1.0
+    assert sampler_from_config(cfg.sampler, schedule, {})[0].eta == 1.0
     with pytest.raises(SamplingInputError, match=r"eta=0.5 does not apply to sampler=euler \(its options: karras"):
-        sampler_from_config(compose_sample_config("sampler=euler").sampler, schedule, "eps", {"eta": 0.5})
+        sampler_from_config(compose_sample_config("sampler=euler").sampler, schedule, {"eta": 0.5})
     with pytest.raises(SamplingInputError, match=r"sampler=ddim: steps must be in \[1, 1000\]"):
-        sampler_from_config(compose_sample_config().sampler, schedule, "eps", {"steps": 5000})
+        sampler_from_config(compose_sample_config().sampler, schedule, {"steps": 5000})
 
 
 def test_prompts_come_from_one_place_and_images_get_seed_plus_index(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from diffusers import (
@@ -15,7 +16,7 @@ from diffusers import (
 )
 from torch import Tensor
 
-from ldm.diffusion import ClassifierFreeGuidance, NoiseSchedule, build_sampler, timesteps_for
+from ldm.diffusion import ClassifierFreeGuidance, Denoiser, NoiseSchedule, build_sampler, timesteps_for
 from ldm.diffusion.samplers import SAMPLERS, karras_sigmas
 
 SHAPE = (2, 4, 8, 8)
@@ -36,9 +37,9 @@ def toy_model(x: Tensor, t: Tensor) -> Tensor:
     return (1 - alpha_bar).sqrt() * x + 0.1 * torch.tanh(x.roll(3, dims=-1)) + offset
 
 
-def our_trajectory(sampler, x_T: Tensor, seed: int, **kwargs) -> list[Tensor]:
+def our_trajectory(sampler, x_T: Tensor, seed: int, prediction: str = "eps", **kwargs) -> list[Tensor]:
     states = []
-    sampler.sample(toy_model, x_T, generator=torch.Generator().manual_seed(seed), callback=lambda i, x: states.append(x), progress=False, **kwargs)
+    sampler.sample(Denoiser(toy_model, prediction), x_T, generator=torch.Generator().manual_seed(seed), callback=lambda i, x: states.append(x), progress=False, **kwargs)
     return states
 
 
@@ -88,10 +89,10 @@ def run_case(case: str, spacing: str, steps: int = 10, prediction: str = "eps", 
     name = case.split("_eta")[0]
     diffusers_extra = {("use_karras_sigmas" if k == "karras" else k): v for k, v in extra.items()}
     scheduler = factory(**SD_BETAS, timestep_spacing=spacing, prediction_type=DIFFUSERS_PREDICTION[prediction], **diffusers_extra)
-    sampler = build_sampler(name, NoiseSchedule(), steps, spacing=spacing, prediction=prediction, **our_kwargs, **extra)
+    sampler = build_sampler(name, NoiseSchedule(), steps, spacing=spacing, **our_kwargs, **extra)
     x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(123))
     reference = diffusers_trajectory(scheduler, steps, x_T, seed, sigma_state, **step_kwargs)
-    assert_same_trajectory(our_trajectory(sampler, x_T, seed), reference)
+    assert_same_trajectory(our_trajectory(sampler, x_T, seed, prediction), reference)
 
 
 @pytest.mark.parametrize("case,spacing", CASES)
@@ -173,9 +174,10 @@ def test_build_sampler_rejects_unknown_names() -> None:
 
 def test_eps_prediction_at_zero_snr_is_rejected() -> None:
     schedule = NoiseSchedule(zero_terminal_snr=True)
+    sampler = build_sampler("ddim", schedule, 10, spacing="trailing")
     with pytest.raises(ValueError, match="zero SNR"):
-        build_sampler("ddim", schedule, 10, spacing="trailing")
-    x = build_sampler("ddim", schedule, 10, spacing="trailing", prediction="v").sample(toy_model, torch.randn(SHAPE), progress=False)
+        sampler.sample(Denoiser(toy_model, "eps"), torch.randn(SHAPE), progress=False)
+    x = sampler.sample(Denoiser(toy_model, "v"), torch.randn(SHAPE), progress=False)
     assert torch.isfinite(x).all()
 
 
@@ -183,7 +185,7 @@ def test_eps_prediction_at_zero_snr_is_rejected() -> None:
 def test_discrete_samplers_start_at_the_terminal_step_of_a_zero_snr_schedule(name: str) -> None:
     """Leading spacing never visits t = 999, where a zero-terminal-SNR model learnt to draw from the
     prompt alone, so such a schedule defaults to trailing; SD's schedule keeps leading."""
-    zero_snr = build_sampler(name, NoiseSchedule(zero_terminal_snr=True), 25, prediction="v")
+    zero_snr = build_sampler(name, NoiseSchedule(zero_terminal_snr=True), 25)
     assert zero_snr.spacing == "trailing" and zero_snr.timesteps[0] == 999 and zero_snr.alpha_bars[0] == 0.0
     sd = build_sampler(name, NoiseSchedule(), 25)
     assert sd.spacing == "leading" and sd.timesteps[0] == 960
@@ -198,7 +200,7 @@ def test_sampling_loop_never_reads_tensor_values_on_the_host(name: str, kwargs: 
     with pytest.raises(RuntimeError, match="meta"):
         torch.ones(1, device="meta").item()
     sampler = build_sampler(name, NoiseSchedule(), 5, **kwargs)
-    out = sampler.sample(toy_model_meta, x_T, progress=False, x0=torch.zeros_like(x_T), mask=mask, strength=0.8)
+    out = sampler.sample(Denoiser(toy_model_meta, "eps"), x_T, progress=False, x0=torch.zeros_like(x_T), mask=mask, strength=0.8)
     assert out.device.type == "meta" and out.shape == SHAPE
 
 
@@ -215,7 +217,7 @@ ALL_SAMPLERS = [("ddpm", {}), ("ddim", {}), ("ddim", {"eta": 1.0}), ("euler", {}
 def test_img2img_strength_endpoints(name: str, kwargs: dict) -> None:
     sampler = build_sampler(name, NoiseSchedule(), 8, **kwargs)
     x0, x_T = torch.randn(SHAPE), torch.randn(SHAPE)
-    run = lambda **kw: sampler.sample(toy_model, x_T, generator=torch.Generator().manual_seed(0), progress=False, **kw)  # noqa: E731
+    run = lambda **kw: sampler.sample(Denoiser(toy_model, "eps"), x_T, generator=torch.Generator().manual_seed(0), progress=False, **kw)  # noqa: E731
     assert torch.equal(run(x0=x0, strength=0.0), x0)
     torch.testing.assert_close(run(x0=x0, strength=1.0), run(), rtol=0, atol=0)
     halfway = run(x0=x0, strength=0.5)
@@ -235,7 +237,7 @@ def test_img2img_matches_diffusers_add_noise_and_begin_index() -> None:
     x = scheduler.add_noise(x0, x_T, scheduler.timesteps[start : start + 1])
     for t in scheduler.timesteps[start:]:
         x = scheduler.step(toy_model(scheduler.scale_model_input(x, t), t.expand(SHAPE[0])), t, x).prev_sample
-    ours = sampler.sample(toy_model, x_T, x0=x0, strength=strength, progress=False)
+    ours = sampler.sample(Denoiser(toy_model, "eps"), x_T, x0=x0, strength=strength, progress=False)
     torch.testing.assert_close(ours, x, rtol=1e-5, atol=1e-5)
 
 
@@ -245,8 +247,8 @@ def test_inpainting_keeps_the_unmasked_region(name: str, kwargs: dict) -> None:
     x0, x_T = torch.randn(SHAPE), torch.randn(SHAPE)
     mask = torch.zeros(1, 1, 8, 8)
     mask[..., 2:6, 2:6] = 1.0
-    plain = sampler.sample(toy_model, x_T, generator=torch.Generator().manual_seed(0), progress=False)
-    out = sampler.sample(toy_model, x_T, generator=torch.Generator().manual_seed(0), progress=False, x0=x0, mask=mask)
+    plain = sampler.sample(Denoiser(toy_model, "eps"), x_T, generator=torch.Generator().manual_seed(0), progress=False)
+    out = sampler.sample(Denoiser(toy_model, "eps"), x_T, generator=torch.Generator().manual_seed(0), progress=False, x0=x0, mask=mask)
     keep = mask.expand(SHAPE) == 0
     assert torch.equal(out[keep], x0[keep])
     assert (out[~keep] - x0[~keep]).abs().mean() > 0.1
@@ -257,7 +259,7 @@ def test_inpainting_keeps_the_unmasked_region(name: str, kwargs: dict) -> None:
 def test_callback_gets_every_step_and_progress_bar_is_optional(capsys) -> None:
     sampler = build_sampler("dpmpp_2m", NoiseSchedule(), 6)
     seen = []
-    final = sampler.sample(toy_model, torch.randn(SHAPE), callback=lambda i, x: seen.append(i), progress=False)
+    final = sampler.sample(Denoiser(toy_model, "eps"), torch.randn(SHAPE), callback=lambda i, x: seen.append(i), progress=False)
     assert seen == list(range(6))
     assert capsys.readouterr().err == ""
     assert torch.isfinite(final).all()
@@ -331,9 +333,9 @@ def test_guidance_interval_guides_inside_it_and_is_conditional_outside() -> None
 def test_a_sampler_runs_the_unconditional_pass_only_on_the_steps_of_the_interval() -> None:
     model = CountingModel()
     schedule = NoiseSchedule(kind="scaled_linear", beta_start=0.00085, beta_end=0.012, zero_terminal_snr=True)
-    sampler = build_sampler("ddim", schedule, 10, prediction="v")
+    sampler = build_sampler("ddim", schedule, 10)
     guided = ClassifierFreeGuidance(model, torch.randn(2, 5, 16), torch.randn(1, 5, 16), scale=5.0, interval=(0, 400))
-    sampler.sample(guided, torch.randn(SHAPE), progress=False)
+    sampler.sample(Denoiser(guided, "v"), torch.randn(SHAPE), progress=False)
     assert [int(t) for t in sampler.timesteps] == [999, 899, 799, 699, 599, 499, 399, 299, 199, 99]
     assert model.batches == [2] * 6 + [4] * 4
 
@@ -341,7 +343,7 @@ def test_a_sampler_runs_the_unconditional_pass_only_on_the_steps_of_the_interval
 def test_cfg_calls_the_model_once_per_step_with_a_doubled_batch() -> None:
     model = CountingModel()
     guided = ClassifierFreeGuidance(model, torch.randn(2, 5, 16), torch.randn(2, 5, 16), scale=3.0)
-    build_sampler("dpmpp_2m", NoiseSchedule(), 7).sample(guided, torch.randn(SHAPE), progress=False)
+    build_sampler("dpmpp_2m", NoiseSchedule(), 7).sample(Denoiser(guided, "eps"), torch.randn(SHAPE), progress=False)
     assert model.batches == [4] * 7
 
 
@@ -353,3 +355,40 @@ def test_every_registered_sampler_has_a_config(repo_root: str) -> None:
         cfg = OmegaConf.load(f"{repo_root}/configs/sampler/{name}.yaml")
         sampler = hydra.utils.instantiate(cfg)(schedule=NoiseSchedule())
         assert type(sampler) is cls
+
+
+def as_v(network, schedule: NoiseSchedule):
+    """The v-prediction network that computes the same function as the ε-network `network`."""
+
+    def v(x: Tensor, t: Tensor) -> Tensor:
+        alpha_bar = torch.from_numpy(np.interp(t.double().numpy(), np.arange(1000), schedule.alphas_cumprod_f64.numpy())).float().view(-1, 1, 1, 1)
+        eps = network(x, t)
+        x0 = (x - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
+        return alpha_bar.sqrt() * eps - (1 - alpha_bar).sqrt() * x0
+
+    return v
+
+
+def as_x0(network, schedule: NoiseSchedule):
+    """The x0-prediction network that computes the same function as the ε-network `network`."""
+
+    def x0(x: Tensor, t: Tensor) -> Tensor:
+        alpha_bar = torch.from_numpy(np.interp(t.double().numpy(), np.arange(1000), schedule.alphas_cumprod_f64.numpy())).float().view(-1, 1, 1, 1)
+        return (x - (1 - alpha_bar).sqrt() * network(x, t)) / alpha_bar.sqrt()
+
+    return x0
+
+
+@pytest.mark.parametrize("name,kwargs", [("ddim", {}), ("ddpm", {}), ("euler", {}), ("euler_a", {}), ("dpmpp_2m", {})])
+def test_one_function_as_eps_v_or_x0_gives_one_trajectory(name: str, kwargs: dict) -> None:
+    """The Denoiser owns the parameterisation: the same function written as an ε-, v- or x0-network
+    samples the same images."""
+    schedule = NoiseSchedule()
+    sampler = build_sampler(name, schedule, 8, **kwargs)
+    x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(5))
+    run = lambda network, prediction: sampler.sample(Denoiser(network, prediction), x_T, generator=torch.Generator().manual_seed(1), progress=False)  # noqa: E731
+    reference = run(toy_model, "eps")
+    torch.testing.assert_close(run(as_v(toy_model, schedule), "v"), reference, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(run(as_x0(toy_model, schedule), "x0"), reference, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="Unknown prediction"):
+        Denoiser(toy_model, "score")

@@ -9,7 +9,7 @@ import torch
 from diffusers import DDPMScheduler
 from torch import Tensor, nn
 
-from ldm.diffusion import NoiseSchedule, build_sampler, diffusion_target, loss_weight, offset_noise, sample_timesteps
+from ldm.diffusion import Denoiser, NoiseSchedule, build_sampler, diffusion_target, loss_weight, offset_noise, sample_timesteps
 from ldm.diffusion.schedule import cosine_alpha_bar
 
 
@@ -95,8 +95,9 @@ def test_v_target_closed_form_and_recovery() -> None:
     theirs = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).get_velocity(x0, noise, t)
     torch.testing.assert_close(v, theirs, rtol=0, atol=1e-5)
     assert diffusion_target(schedule, x0, noise, t, prediction="eps") is noise
+    assert diffusion_target(schedule, x0, noise, t, prediction="x0") is x0
     with pytest.raises(ValueError, match="eps"):
-        diffusion_target(schedule, x0, noise, t, prediction="x0")
+        diffusion_target(schedule, x0, noise, t, prediction="score")
 
 
 def test_q_sample_marginals() -> None:
@@ -179,6 +180,6 @@ def test_training_with_the_objectives_learns_the_data(prediction: str, weighting
         losses.append(loss.item())
     assert sum(losses[-50:]) / 50 < 0.6 * sum(losses[:10]) / 10
     with torch.no_grad():
-        samples = build_sampler("ddim", schedule, 25, prediction=prediction).sample(model, torch.randn(2000, 2), progress=False)
+        samples = build_sampler("ddim", schedule, 25).sample(Denoiser(model, prediction), torch.randn(2000, 2), progress=False)
     torch.testing.assert_close(samples.mean(0), mean, rtol=0, atol=0.1)
     torch.testing.assert_close(samples.std(0), std, rtol=0.2, atol=0)

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from ldm.checkpoints import SD_PREFIXES
-from ldm.diffusers_export import unet_to_diffusers
+from ldm.checkpoints.diffusers import unet_to_diffusers
 from ldm.modules.timestep import timestep_embedding
 from ldm.modules.unet import UNetModel
 

@@ -23,6 +23,7 @@ import torch
 
 from ldm.data.laion import MetadataFilter, read_caption, read_metadata
 from ldm.data.shards import Rejected, expand_urls, is_local
+from ldm.errors import LdmError
 
 FORMAT = "ldm-latent-cache/1"
 MANIFEST_NAME = "latents.json"
@@ -31,7 +32,7 @@ BATCH_KEYS: dict[str, str] = {"mean": "latent_mean", "std": "latent_std", "conte
 """Array name in a shard -> key in a batch."""
 
 
-class LatentCacheMismatchError(ValueError):
+class LatentCacheMismatchError(LdmError, ValueError):
     """The cache was made by other encoders than the run's."""
 
 

@@ -1,7 +1,13 @@
 """Noise schedules, training objectives, samplers and guidance; no Lightning, no datasets."""
 
+from ldm.diffusion.denoiser import PREDICTIONS, Denoiser
 from ldm.diffusion.guidance import ClassifierFreeGuidance
-from ldm.diffusion.objectives import diffusion_target, loss_weight, offset_noise, sample_timesteps
+from ldm.diffusion.objectives import (
+    diffusion_target,
+    loss_weight,
+    offset_noise,
+    sample_timesteps,
+)
 from ldm.diffusion.samplers import (
     SAMPLERS,
     DDIMSampler,
@@ -16,11 +22,13 @@ from ldm.diffusion.samplers import (
 from ldm.diffusion.schedule import NoiseSchedule
 
 __all__ = [
+    "PREDICTIONS",
     "SAMPLERS",
     "ClassifierFreeGuidance",
     "DDIMSampler",
     "DDPMSampler",
     "DPMSolverMultistepSampler",
+    "Denoiser",
     "EulerAncestralSampler",
     "EulerSampler",
     "NoiseSchedule",

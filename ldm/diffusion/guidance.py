@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Callable
 
@@ -9,6 +10,17 @@ import torch
 from torch import Tensor
 
 ConditionalModel = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+def checked_scale(scale: float) -> float:
+    """A guidance scale w >= 0: 1 is plain conditional sampling, 0 unconditional, above 1 guided."""
+    try:
+        value = float(scale)
+    except (TypeError, ValueError):
+        raise ValueError(f"guidance scale must be a number >= 0, got {scale!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"guidance scale must be a finite number >= 0 (1 is no guidance, 5-7.5 the usual), got {scale}")
+    return value
 
 
 def checked_rescale(rescale: float) -> float:

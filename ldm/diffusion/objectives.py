@@ -5,22 +5,19 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ldm.diffusion.denoiser import PREDICTIONS, check_prediction  # noqa: F401  (re-exported)
 from ldm.diffusion.schedule import NoiseSchedule
 
-PREDICTIONS = ("eps", "v")
 WEIGHTINGS = ("uniform", "min_snr")
 
 
-def check_prediction(prediction: str) -> None:
-    if prediction not in PREDICTIONS:
-        raise ValueError(f"Unknown prediction {prediction!r}; expected one of {PREDICTIONS}")
-
-
 def diffusion_target(schedule: NoiseSchedule, x0: Tensor, noise: Tensor, t: Tensor, prediction: str = "eps") -> Tensor:
-    """ε for eps-prediction; v = sqrt(ᾱ) ε - sqrt(1 - ᾱ) x_0 for v-prediction (Salimans & Ho 2022)."""
+    """ε for eps-prediction; v = sqrt(ᾱ) ε - sqrt(1 - ᾱ) x_0 for v-prediction (Salimans & Ho 2022); x_0 for x0."""
     check_prediction(prediction)
     if prediction == "eps":
         return noise
+    if prediction == "x0":
+        return x0
     alpha_bar = schedule.alpha_bar(t, x0.ndim).to(x0.dtype)
     return alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x0
 
@@ -36,8 +33,8 @@ def loss_weight(
 
     Min-SNR-γ (Hang et al. 2023) weights the x_0 error by min(SNR, γ). An ε error is SNR times an x_0
     error and a v error is (SNR + 1) times one, so the weight on the predicted quantity is
-    min(SNR, γ) / SNR for ε (written min(1, γ / SNR), which is 1 at SNR = 0, its limit) and
-    min(SNR, γ) / (SNR + 1) for v. Both stay finite on a zero-terminal-SNR schedule.
+    min(SNR, γ) / SNR for ε (written min(1, γ / SNR), which is 1 at SNR = 0, its limit),
+    min(SNR, γ) / (SNR + 1) for v and min(SNR, γ) for x0. All stay finite on a zero-terminal-SNR schedule.
     """
     check_prediction(prediction)
     if weighting == "uniform":
@@ -47,6 +44,8 @@ def loss_weight(
     snr = schedule.snr(t)
     if prediction == "eps":
         return gamma / snr.clamp(min=gamma)
+    if prediction == "x0":
+        return snr.clamp(max=gamma)
     return snr.clamp(max=gamma) / (snr + 1)
 
 

@@ -25,10 +25,11 @@ from typing import Any
 
 import open_clip
 import torch
-from open_clip.factory import load_state_dict as load_open_clip_state_dict
 from open_clip.model import _build_text_tower
 from open_clip.tokenizer import SimpleTokenizer
 from torch import Tensor, nn
+
+from ldm.checkpoints.io import read_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +68,9 @@ def text_state_dict_from_checkpoint(state_dict: Mapping[str, Tensor]) -> dict[st
 def _load_checkpoint_file(path: str) -> dict[str, Tensor]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Text encoder weights_path does not exist: {path!r}")
-    return text_state_dict_from_checkpoint(load_open_clip_state_dict(path))
+    checkpoint = read_checkpoint(path)  # weights_only: a weights file never runs code
+    state_dict = checkpoint.get("state_dict", checkpoint)
+    return text_state_dict_from_checkpoint({k: v for k, v in state_dict.items() if isinstance(v, Tensor)})
 
 
 @functools.lru_cache(maxsize=4)

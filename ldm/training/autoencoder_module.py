@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import hydra
 import lightning.pytorch as pl
 import torch
@@ -10,6 +9,7 @@ from torch import Tensor
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
+from ldm.checkpoints import require_stage
 from ldm.training.callbacks import to_grid
 from ldm.training.config import to_plain
 from ldm.training.lr_schedules import warmup_cosine
@@ -144,9 +144,9 @@ class AutoencoderModule(pl.LightningModule):
         checkpoint["nonfinite"] = self.nonfinite.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        stage = checkpoint.get("ldm_stage")
-        if stage != STAGE:
-            raise ValueError(f"This is a {stage!r} checkpoint; stage=autoencoder can only resume from an autoencoder checkpoint.")
+        trainer = getattr(self, "_trainer", None)
+        require_stage(checkpoint, STAGE, trainer.ckpt_path if trainer is not None else None,
+                      hint="stage=autoencoder resumes only from a stage-1 checkpoint (ckpt_path=...).")
         self.generator_step = int(checkpoint["generator_step"])
         if "nonfinite" in checkpoint:
             self.nonfinite.load_state_dict(checkpoint["nonfinite"])

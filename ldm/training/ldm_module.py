@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +13,21 @@ import torch
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from ldm.checkpoints import CheckpointStageError, read_checkpoint, require_stage, state_dict_sha256, sub_state_dict
+from ldm.checkpoints import (
+    autoencoder_from_checkpoint,
+    read_checkpoint,
+    require_stage,
+    state_dict_sha256,
+    sub_state_dict,
+)
 from ldm.data.latents import require_same_encoders
 from ldm.diffusion.objectives import diffusion_target, loss_weight, offset_noise
 from ldm.diffusion.samplers import DDIMSampler
+from ldm.errors import ConfigError
+from ldm.inference.model import LatentDiffusionModel, build_text_encoder
+from ldm.inference.pipeline import generate_images
 from ldm.modules.ema import EMA
-from ldm.pipeline import generate_images
+from ldm.modules.latent_codec import LatentCodec
 from ldm.training.callbacks import to_grid
 from ldm.training.config import to_plain
 from ldm.training.lr_schedules import warmup_cosine
@@ -26,18 +35,6 @@ from ldm.training.nonfinite import NonFiniteGuard, min_over_ranks
 
 log = logging.getLogger(__name__)
 STAGE = "ldm"
-
-
-def _build_text_encoder(cfg: dict, weights: Mapping[str, Tensor] | None) -> nn.Module:
-    """The configured text encoder; with `weights`, built directly on them.
-
-    The config is kept as trained (its `pretrained` tag, for one, decides QuickGELU vs GELU for
-    OpenAI CLIP towers), and nothing is downloaded or randomly initialised first.
-    """
-    if weights is None:
-        return hydra.utils.instantiate(cfg)
-    kwargs = {k: v for k, v in cfg.items() if not k.startswith("_")}
-    return hydra.utils.get_class(cfg["_target_"])(**kwargs, state_dict=weights)
 
 
 class LatentDiffusionModule(pl.LightningModule):
@@ -95,7 +92,7 @@ class LatentDiffusionModule(pl.LightningModule):
             autoencoder = to_plain(autoencoder)
             autoencoder_module = hydra.utils.instantiate(autoencoder)
         if not 0.0 <= caption_dropout <= 1.0:
-            raise ValueError(f"caption_dropout must be in [0, 1], got {caption_dropout}")
+            raise ConfigError(f"caption_dropout must be in [0, 1], got {caption_dropout}")
         self.save_hyperparameters(
             {
                 "stage": STAGE,
@@ -124,11 +121,11 @@ class LatentDiffusionModule(pl.LightningModule):
             }
         )
         self.autoencoder = autoencoder_module.eval().requires_grad_(False)
-        self.text_encoder = _build_text_encoder(text_encoder, text_encoder_weights)
+        self.text_encoder = build_text_encoder(text_encoder, text_encoder_weights)
         self.text_encoder.requires_grad_(False)
         width = self.text_encoder.output_dim
         if model.get("context_dim") != width:
-            raise ValueError(
+            raise ConfigError(
                 f"The UNet's context_dim ({model.get('context_dim')}) differs from the text encoder's width "
                 f"({width}): set model.context_dim={width} or pick a matching text_encoder."
             )
@@ -136,7 +133,7 @@ class LatentDiffusionModule(pl.LightningModule):
         self.ema = EMA(self.unet, decay=ema_decay, warmup=ema_warmup)
         self.schedule = hydra.utils.instantiate(schedule)
         if prediction == "eps" and self.schedule.zero_terminal_snr:
-            raise ValueError(
+            raise ConfigError(
                 "prediction=eps cannot be sampled from a zero-terminal-SNR schedule (at t = T the noise is the "
                 "whole input, so ε says nothing about the image): use stage.module.prediction=v, or schedule=scaled_linear."
             )
@@ -157,24 +154,14 @@ class LatentDiffusionModule(pl.LightningModule):
                 f"Autoencoder checkpoint {path} does not exist. Train one first with "
                 "`python train.py stage=autoencoder`, then pass autoencoder_ckpt=<run_dir>/checkpoints/last.ckpt."
             )
-        ckpt = read_checkpoint(path)
-        require_stage(ckpt, "autoencoder", path,
-                      hint="autoencoder_ckpt must be the last.ckpt of a stage-1 run (`python train.py stage=autoencoder`).")
-        config = ckpt["hyper_parameters"]["model"]
-        autoencoder = hydra.utils.instantiate(config)
-        autoencoder.load_state_dict(sub_state_dict(ckpt["state_dict"], "autoencoder."), strict=True)
-        return autoencoder, config
+        hint = "autoencoder_ckpt must be the last.ckpt of a stage-1 run (`python train.py stage=autoencoder`)."
+        return autoencoder_from_checkpoint(read_checkpoint(path), path, hint)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> "LatentDiffusionModule":
         """Rebuilds a trained module from its checkpoint alone (no YAML, no stage-1 file, no download)."""
         ckpt = read_checkpoint(path)
-        stage = ckpt.get("ldm_stage")
-        if stage != STAGE:
-            raise CheckpointStageError(
-                f"{path} is a {stage!r} checkpoint, not a stage-2 (ldm) one. Sampling needs a checkpoint "
-                "of `python train.py stage=ldm`." if stage else f"{path} is not a checkpoint written by ldm's train.py."
-            )
+        require_stage(ckpt, STAGE, path)
         hparams = dict(ckpt["hyper_parameters"])
         hparams.pop("stage", None)
         text_encoder_weights = sub_state_dict(ckpt["state_dict"], "text_encoder.")
@@ -228,9 +215,10 @@ class LatentDiffusionModule(pl.LightningModule):
         drop = self._dropout_mask(context.shape[0]).to(self.device).view(-1, 1, 1)
         return torch.where(drop, self.unconditional_context(), context)
 
-    @torch.no_grad()
-    def encode_images(self, x: Tensor) -> Tensor:
-        return self._posterior_sample({"image": x}) * self.scale_factor.float()
+    @property
+    def codec(self) -> LatentCodec:
+        """Images <-> scaled latents through the frozen autoencoder and this run's scale factor."""
+        return LatentCodec(self.autoencoder, self.scale_factor)
 
     @torch.no_grad()
     def _posterior_sample(self, batch: dict) -> Tensor:
@@ -239,17 +227,11 @@ class LatentDiffusionModule(pl.LightningModule):
         if "latent_mean" in batch:
             mean, std = batch["latent_mean"].to(self.device).float(), batch["latent_std"].to(self.device).float()
             return mean + std * torch.randn(mean.shape, device=mean.device, dtype=mean.dtype)
-        with torch.autocast(self.device.type, enabled=False):
-            return self.autoencoder.encode(batch["image"].to(self.device).float()).sample()
+        return self.codec.posterior(batch["image"]).sample()
 
     def latents_of(self, batch: dict) -> Tensor:
         """z0 = scale_factor * a posterior sample, for a batch of images or of cached latents."""
-        return self._posterior_sample(batch) * self.scale_factor.float()
-
-    @torch.no_grad()
-    def decode_latents(self, z: Tensor) -> Tensor:
-        with torch.autocast(self.device.type, enabled=False):
-            return self.autoencoder.decode(z.float() / self.scale_factor.float()).clamp(-1, 1)
+        return self.codec.scale(self._posterior_sample(batch))
 
     @torch.no_grad()
     def measure_scale_factor(self, batches) -> float:
@@ -282,6 +264,21 @@ class LatentDiffusionModule(pl.LightningModule):
         batches = (b for _, b in zip(range(n), loader))
         self.scale_factor.fill_(self.measure_scale_factor(batches))
         log.info("Latent scale factor measured over %d batches on every rank: %.5f", n, float(self.scale_factor))
+        self._record_scale_factor()
+
+    def _record_scale_factor(self) -> None:
+        """Writes the measured factor into the run's `config.yaml` (`stage.module.scale_factor`), where a
+        reader of the run looks for it; rank 0 only."""
+        if not self.trainer.is_global_zero:
+            return
+        config = Path(self.trainer.default_root_dir) / "config.yaml"
+        if config.is_file():
+            from omegaconf import OmegaConf
+
+            cfg = OmegaConf.load(config)
+            if OmegaConf.select(cfg, "stage.module") is not None:
+                cfg.stage.module.scale_factor = float(self.scale_factor)
+                OmegaConf.save(cfg, config)
 
     # --- training ---------------------------------------------------------------------------
 
@@ -361,31 +358,27 @@ class LatentDiffusionModule(pl.LightningModule):
 
     # --- sampling ---------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def sample(
-        self,
-        prompts: list[str],
-        sampler: Any,
-        guidance_scale: float,
-        height: int,
-        width: int,
-        seeds: Sequence[int] | None = None,
-        negative_prompt: str = "",
-        use_ema: bool = True,
-        progress: bool = False,
-    ) -> Tensor:
-        """Images in [-1, 1] for `prompts` (image k from seed k unless `seeds` says otherwise)."""
-        seeds = range(len(prompts)) if seeds is None else seeds
-        return generate_images(self, sampler, prompts, list(seeds), height=height, width=width, guidance_scale=guidance_scale,
-                               negative_prompt=negative_prompt, use_ema=use_ema, progress=progress)
+    def generation_model(self, use_ema: bool = True) -> LatentDiffusionModel:
+        """This module's networks (not copies) as the model `ldm.inference` generates with."""
+        return LatentDiffusionModel(
+            unet=self.ema.module if use_ema else self.unet,
+            autoencoder=self.autoencoder,
+            text_encoder=self.text_encoder,
+            schedule=self.schedule,
+            prediction=self.hparams.prediction,
+            scale_factor=self.scale_factor,
+            image_size=self.hparams.autoencoder.get("resolution", 64),
+        )
 
     @torch.no_grad()
     def log_images(self, batch: dict) -> dict[str, Tensor]:
+        """Validation prompts, image k from seed k: guided on the top row, unguided below (EMA weights)."""
         prompts = self.hparams.validation_prompts or list(batch["caption"])
         size = batch["image"].shape[-1] if "image" in batch else batch["latent_mean"].shape[-1] * self.autoencoder.downsample_factor
-        sampler = DDIMSampler(self.schedule, self.hparams.sample_steps, eta=0.0, prediction=self.hparams.prediction)
-        guided = self.sample(prompts, sampler, self.hparams.guidance_scale, size, size)
-        unguided = self.sample(prompts, sampler, 1.0, size, size)
+        sampler = DDIMSampler(self.schedule, self.hparams.sample_steps, eta=0.0)
+        model, seeds = self.generation_model(), list(range(len(prompts)))
+        guided = generate_images(model, sampler, prompts, seeds, height=size, width=size, guidance_scale=self.hparams.guidance_scale)
+        unguided = generate_images(model, sampler, prompts, seeds, height=size, width=size, guidance_scale=1.0)
         return {"samples": to_grid([guided, unguided], nrow=min(len(prompts), 8))}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -393,9 +386,8 @@ class LatentDiffusionModule(pl.LightningModule):
         checkpoint["nonfinite"] = self.nonfinite.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        stage = checkpoint.get("ldm_stage")
-        if stage != STAGE:
-            raise CheckpointStageError(f"This is a {stage!r} checkpoint; stage=ldm can only resume from a stage-2 checkpoint.")
+        path = self._trainer.ckpt_path if self._trainer is not None else None
+        require_stage(checkpoint, STAGE, path, hint="stage=ldm resumes only from a stage-2 checkpoint (ckpt_path=...).")
         if "nonfinite" in checkpoint:
             self.nonfinite.load_state_dict(checkpoint["nonfinite"])
 

@@ -9,13 +9,15 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
+from ldm.errors import LdmError
+
 log = logging.getLogger(__name__)
 
 Sync = Callable[[Tensor], Tensor]
 
 
-class NonFiniteLossError(RuntimeError):
-    pass
+class NonFiniteLossError(LdmError, RuntimeError):
+    """The loss was NaN/Inf for `max_nonfinite_steps` steps in a row: going on would waste the cluster."""
 
 
 class NonFiniteGuard:

@@ -1,21 +1,17 @@
-"""Samplers over any denoiser callable `model(x_t, t) -> ε or v`; `build_sampler` picks one by name."""
+"""Samplers over a `Denoiser` (a network and its eps / v / x0 parameterisation); `build_sampler` picks one by name."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from ldm.diffusion.samplers.base import Callback, Model, Sampler, karras_sigmas, timesteps_for
+from ldm.diffusion.samplers.base import Callback, Sampler, karras_sigmas, timesteps_for
 from ldm.diffusion.samplers.ddim import DDIMSampler, DDPMSampler
 from ldm.diffusion.samplers.dpm_solver import DPMSolverMultistepSampler
 from ldm.diffusion.samplers.euler import EulerAncestralSampler, EulerSampler
 from ldm.diffusion.schedule import NoiseSchedule
 
 SAMPLERS: dict[str, type[Sampler]] = {
-    "ddpm": DDPMSampler,
-    "ddim": DDIMSampler,
-    "euler": EulerSampler,
-    "euler_a": EulerAncestralSampler,
-    "dpmpp_2m": DPMSolverMultistepSampler,
+    cls.name: cls for cls in (DDPMSampler, DDIMSampler, EulerSampler, EulerAncestralSampler, DPMSolverMultistepSampler)
 }
 
 
@@ -34,7 +30,6 @@ __all__ = [
     "DPMSolverMultistepSampler",
     "EulerAncestralSampler",
     "EulerSampler",
-    "Model",
     "Sampler",
     "build_sampler",
     "karras_sigmas",

@@ -9,19 +9,16 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from typing import Callable
-
 from collections.abc import Sequence
+from typing import Callable
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ldm.diffusion.objectives import check_prediction
+from ldm.diffusion.denoiser import Denoiser
 from ldm.diffusion.schedule import NoiseSchedule
 
-Model = Callable[[Tensor, Tensor], Tensor]
-"""model(x_t, t) -> ε or v, with x_t in the variance-preserving scale and t float DDPM timesteps (B,)."""
 Callback = Callable[[int, Tensor], None]
 
 SPACINGS = ("leading", "trailing", "linspace")
@@ -106,38 +103,31 @@ class Sampler(ABC):
       state_scales    steps + 1 floats: the sampler's state is the variance-preserving x_t times this
                       (1 for DDPM/DDIM/DPM-Solver, sqrt(1 + sigma²) for the Euler family);
       init_noise_sigma  what unit noise is multiplied by to start from pure noise;
-    and implement `step`.
+    and implement `step`. The network's parameterisation (eps, v, x0) is the `Denoiser`'s business.
     """
 
+    name: str
+    """The sampler's name in the `sampler` config group and in PNG metadata."""
     timesteps: Tensor
     alpha_bars: list[float]
     state_scales: list[float]
     init_noise_sigma: float = 1.0
 
-    def __init__(self, schedule: NoiseSchedule, steps: int, spacing: str = "leading", prediction: str = "eps", steps_offset: int = 0) -> None:
-        check_prediction(prediction)
+    def __init__(self, schedule: NoiseSchedule, steps: int, spacing: str = "leading", steps_offset: int = 0) -> None:
         if spacing not in SPACINGS:
             raise ValueError(f"Unknown timestep spacing {spacing!r}; expected one of {SPACINGS}")
         self.schedule = schedule
         self.steps = steps
         self.spacing = spacing
-        self.prediction = prediction
         self.steps_offset = steps_offset
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(steps={self.steps}, spacing={self.spacing!r}, prediction={self.prediction!r})"
+        return f"{type(self).__name__}(steps={self.steps}, spacing={self.spacing!r})"
 
     @abstractmethod
-    def step(self, model: Model, x: Tensor, t: Tensor, i: int, previous: Tensor | None, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
-        """One step from grid point i to i + 1. Returns the new state and the model's x_0 estimate
+    def step(self, denoiser: Denoiser, x: Tensor, t: Tensor, i: int, previous: Tensor | None, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        """One step from grid point i to i + 1. Returns the new state and the denoiser's x_0 estimate
         (multistep solvers get the previous step's estimate back as `previous`)."""
-
-    def x0_and_eps(self, out: Tensor, x: Tensor, alpha_bar: float) -> tuple[Tensor, Tensor]:
-        """The model's x_0 and ε estimates from its output at a variance-preserving x with level ᾱ."""
-        alpha, sigma = math.sqrt(alpha_bar), math.sqrt(1 - alpha_bar)
-        if self.prediction == "eps":
-            return (x - sigma * out) / alpha, out
-        return alpha * x - sigma * out, alpha * out + sigma * x
 
     def start_step(self, strength: float) -> int:
         """The first step run for img2img `strength` in [0, 1] (the diffusers convention)."""
@@ -152,7 +142,7 @@ class Sampler(ABC):
 
     def sample(
         self,
-        model: Model,
+        denoiser: Denoiser,
         x_T: Tensor,
         generator: torch.Generator | None = None,
         callback: Callback | None = None,
@@ -185,7 +175,7 @@ class Sampler(ABC):
         previous = None
         for i in tqdm(range(start, self.steps), disable=not progress, desc=type(self).__name__, leave=False):
             t = timesteps[i].expand(x.shape[0])
-            x, previous = self.step(model, x, t, i, previous, generator)
+            x, previous = self.step(denoiser, x, t, i, previous, generator)
             if mask is not None:
                 x = self._keep(x, x0, x_T, mask, i + 1)
             if callback is not None:

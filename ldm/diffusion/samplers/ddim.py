@@ -7,7 +7,8 @@ import math
 import torch
 from torch import Tensor
 
-from ldm.diffusion.samplers.base import Model, Sampler, randn, timesteps_for
+from ldm.diffusion.denoiser import Denoiser
+from ldm.diffusion.samplers.base import Sampler, randn, timesteps_for
 from ldm.diffusion.schedule import NoiseSchedule
 
 
@@ -22,23 +23,23 @@ class _DiscreteSampler(Sampler):
     """Integer timesteps on the chosen spacing (None: `default_spacing`); the last step lands on
     ᾱ = 1 (the clean sample)."""
 
-    def __init__(self, schedule: NoiseSchedule, steps: int, spacing: str | None = None, prediction: str = "eps", steps_offset: int = 0) -> None:
+    def __init__(self, schedule: NoiseSchedule, steps: int, spacing: str | None = None, steps_offset: int = 0) -> None:
         spacing = spacing or default_spacing(schedule)
-        super().__init__(schedule, steps, spacing, prediction, steps_offset)
+        super().__init__(schedule, steps, spacing, steps_offset)
         self.timesteps = timesteps_for(schedule, steps, spacing, steps_offset).round()
         table = schedule.alphas_cumprod_f64
         self.alpha_bars = [float(table[int(t)]) for t in self.timesteps] + [1.0]
         self.state_scales = [1.0] * (steps + 1)
-        if prediction == "eps" and self.alpha_bars[0] == 0.0:
-            raise ValueError("An ε-prediction model cannot denoise at zero SNR (ᾱ = 0 at the first step); use prediction='v'")
 
 
 class DDPMSampler(_DiscreteSampler):
     """Ancestral sampling from the DDPM posterior q(x_prev | x_t, x_0) with the "fixed small"
     variance (Ho et al. 2020), over a possibly strided grid, as diffusers' DDPMScheduler."""
 
-    def __init__(self, schedule: NoiseSchedule, steps: int = 1000, spacing: str | None = None, prediction: str = "eps", steps_offset: int = 0) -> None:
-        super().__init__(schedule, steps, spacing, prediction, steps_offset)
+    name = "ddpm"
+
+    def __init__(self, schedule: NoiseSchedule, steps: int = 1000, spacing: str | None = None, steps_offset: int = 0) -> None:
+        super().__init__(schedule, steps, spacing, steps_offset)
         self.coefficients = []
         for i in range(steps):
             alpha_bar, alpha_bar_prev = self.alpha_bars[i], self.alpha_bars[i + 1]
@@ -48,9 +49,9 @@ class DDPMSampler(_DiscreteSampler):
             std = math.sqrt(max((1 - alpha_bar_prev) / (1 - alpha_bar) * beta, 1e-20))
             self.coefficients.append((x0_coef, x_coef, std, bool(self.timesteps[i] > 0)))
 
-    def step(self, model: Model, x: Tensor, t: Tensor, i: int, previous: Tensor | None, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    def step(self, denoiser: Denoiser, x: Tensor, t: Tensor, i: int, previous: Tensor | None, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
         x0_coef, x_coef, std, add_noise = self.coefficients[i]
-        x0, _ = self.x0_and_eps(model(x, t), x, self.alpha_bars[i])
+        x0, _ = denoiser.predict(x, t, self.alpha_bars[i])
         x_prev = x0_coef * x0 + x_coef * x
         if add_noise:
             x_prev = x_prev + std * randn(x, generator)
@@ -65,16 +66,17 @@ class DDIMSampler(_DiscreteSampler):
     `steps` divides num_timesteps, and off the grid otherwise.)
     """
 
+    name = "ddim"
+
     def __init__(
         self,
         schedule: NoiseSchedule,
         steps: int = 50,
         eta: float = 0.0,
         spacing: str | None = None,
-        prediction: str = "eps",
         steps_offset: int = 0,
     ) -> None:
-        super().__init__(schedule, steps, spacing, prediction, steps_offset)
+        super().__init__(schedule, steps, spacing, steps_offset)
         self.eta = eta
         self.coefficients = []
         for i in range(steps):
@@ -84,9 +86,9 @@ class DDIMSampler(_DiscreteSampler):
             direction = math.sqrt(max(1 - alpha_bar_prev - std**2, 0.0))
             self.coefficients.append((math.sqrt(alpha_bar_prev), direction, std))
 
-    def step(self, model: Model, x: Tensor, t: Tensor, i: int, previous: Tensor | None, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    def step(self, denoiser: Denoiser, x: Tensor, t: Tensor, i: int, previous: Tensor | None, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
         x0_coef, eps_coef, std = self.coefficients[i]
-        x0, eps = self.x0_and_eps(model(x, t), x, self.alpha_bars[i])
+        x0, eps = denoiser.predict(x, t, self.alpha_bars[i])
         x_prev = x0_coef * x0 + eps_coef * eps
         if self.eta > 0:
             x_prev = x_prev + std * randn(x, generator)

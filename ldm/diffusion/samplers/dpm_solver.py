@@ -7,8 +7,8 @@ import math
 import torch
 from torch import Tensor
 
+from ldm.diffusion.denoiser import Denoiser
 from ldm.diffusion.samplers.base import (
-    Model,
     Sampler,
     interp_sigmas,
     karras_sigmas,
@@ -36,16 +36,17 @@ class DPMSolverMultistepSampler(Sampler):
     (first order) or (1 + 1/(2r)) x̂_0(s) - 1/(2r) x̂_0(s_prev) with r = h_prev / h (second order).
     """
 
+    name = "dpmpp_2m"
+
     def __init__(
         self,
         schedule: NoiseSchedule,
         steps: int = 20,
         spacing: str = "linspace",
-        prediction: str = "eps",
         karras: bool = False,
         steps_offset: int = 0,
     ) -> None:
-        super().__init__(schedule, steps, spacing, prediction, steps_offset)
+        super().__init__(schedule, steps, spacing, steps_offset)
         self.karras = karras
         timesteps = _dpm_timesteps(schedule, steps, spacing, steps_offset)
         if karras:
@@ -72,8 +73,8 @@ class DPMSolverMultistepSampler(Sampler):
             r = math.log(self.sigmas[i - 1] / sigma) / math.log(sigma / sigma_next)
             self.second_order.append((x_coef, d_coef * (1 + 1 / (2 * r)), -d_coef / (2 * r)))
 
-    def step(self, model: Model, x: Tensor, t: Tensor, i: int, previous: Tensor | None, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
-        x0, _ = self.x0_and_eps(model(x, t), x, self.alpha_bars[i])
+    def step(self, denoiser: Denoiser, x: Tensor, t: Tensor, i: int, previous: Tensor | None, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        x0, _ = denoiser.predict(x, t, self.alpha_bars[i])
         if previous is None:
             x_coef, d_coef, _ = self.first_order[i]
             return x_coef * x + d_coef * x0, x0

@@ -11,8 +11,8 @@ import math
 import torch
 from torch import Tensor
 
+from ldm.diffusion.denoiser import Denoiser
 from ldm.diffusion.samplers.base import (
-    Model,
     Sampler,
     interp_sigmas,
     karras_sigmas,
@@ -31,11 +31,10 @@ class _SigmaSampler(Sampler):
         schedule: NoiseSchedule,
         steps: int,
         spacing: str = "linspace",
-        prediction: str = "eps",
         karras: bool = False,
         steps_offset: int = 0,
     ) -> None:
-        super().__init__(schedule, steps, spacing, prediction, steps_offset)
+        super().__init__(schedule, steps, spacing, steps_offset)
         self.karras = karras
         timesteps = timesteps_for(schedule, steps, spacing, steps_offset)
         sigmas = interp_sigmas(schedule, timesteps)
@@ -50,41 +49,37 @@ class _SigmaSampler(Sampler):
         sigma_max = max(self.sigmas)
         self.init_noise_sigma = math.sqrt(sigma_max**2 + 1) if spacing == "leading" else sigma_max
 
-    def denoise(self, model: Model, x: Tensor, t: Tensor, i: int) -> Tensor:
-        """The model's x_0 estimate at state x on grid point i."""
-        sigma = self.sigmas[i]
-        out = model(x * (1 / math.sqrt(sigma**2 + 1)), t)
-        if self.prediction == "eps":
-            return x - sigma * out
-        return out * (-sigma / math.sqrt(sigma**2 + 1)) + x * (1 / (sigma**2 + 1))
-
 
 class EulerSampler(_SigmaSampler):
     """The first-order Euler step of the probability-flow ODE (k-diffusion's sample_euler)."""
 
-    def __init__(self, schedule: NoiseSchedule, steps: int = 30, spacing: str = "linspace", prediction: str = "eps", karras: bool = False, steps_offset: int = 0) -> None:
-        super().__init__(schedule, steps, spacing, prediction, karras, steps_offset)
+    name = "euler"
 
-    def step(self, model: Model, x: Tensor, t: Tensor, i: int, previous: Tensor | None, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    def __init__(self, schedule: NoiseSchedule, steps: int = 30, spacing: str = "linspace", karras: bool = False, steps_offset: int = 0) -> None:
+        super().__init__(schedule, steps, spacing, karras, steps_offset)
+
+    def step(self, denoiser: Denoiser, x: Tensor, t: Tensor, i: int, previous: Tensor | None, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
         sigma, sigma_next = self.sigmas[i], self.sigmas[i + 1]
-        denoised = self.denoise(model, x, t, i)
+        denoised = denoiser.denoise(x, t, sigma)
         return x + (x - denoised) / sigma * (sigma_next - sigma), denoised
 
 
 class EulerAncestralSampler(_SigmaSampler):
     """Euler down to sigma_down, then fresh noise up to sigma_next (k-diffusion's sample_euler_ancestral, eta 1)."""
 
-    def __init__(self, schedule: NoiseSchedule, steps: int = 30, spacing: str = "linspace", prediction: str = "eps", karras: bool = False, steps_offset: int = 0) -> None:
-        super().__init__(schedule, steps, spacing, prediction, karras, steps_offset)
+    name = "euler_a"
+
+    def __init__(self, schedule: NoiseSchedule, steps: int = 30, spacing: str = "linspace", karras: bool = False, steps_offset: int = 0) -> None:
+        super().__init__(schedule, steps, spacing, karras, steps_offset)
         self.ancestral = []
         for sigma, sigma_next in zip(self.sigmas[:-1], self.sigmas[1:]):
             sigma_up = math.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2)
             sigma_down = sigma_next**2 / sigma
             self.ancestral.append((sigma_down, sigma_up))
 
-    def step(self, model: Model, x: Tensor, t: Tensor, i: int, previous: Tensor | None, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    def step(self, denoiser: Denoiser, x: Tensor, t: Tensor, i: int, previous: Tensor | None, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
         sigma = self.sigmas[i]
         sigma_down, sigma_up = self.ancestral[i]
-        denoised = self.denoise(model, x, t, i)
+        denoised = denoiser.denoise(x, t, sigma)
         x = x + (x - denoised) / sigma * (sigma_down - sigma)
         return x + sigma_up * randn(x, generator), denoised

@@ -14,9 +14,10 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from ldm.checkpoints import SD_PREFIXES
+from ldm.checkpoints.stable_diffusion import SD_PREFIXES
 from ldm.modules.autoencoder import KLAutoencoder
 from ldm.modules.unet import UNetModel
+
 
 def _ldm_unet_params(config: Mapping[str, Any]) -> dict[str, Any]:
     """The `unet_config.params` an SD yaml would carry for this model (SD 2.x yamls omit num_heads)."""
@@ -32,7 +33,10 @@ def unet_to_diffusers(model: UNetModel, config: Mapping[str, Any]) -> nn.Module:
     `config` is the UNet's model config (`configs/model/sd15.yaml` and the like, `_target_` allowed).
     """
     from diffusers import UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_unet_checkpoint,
+        create_unet_diffusers_config_from_ldm,
+    )
 
     checkpoint = {SD_PREFIXES["unet"] + k: v for k, v in model.state_dict().items()}
     original_config = {

@@ -3,7 +3,6 @@ mask) in; one PNG per image, carrying its settings in PNG text chunks, and a gri
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from dataclasses import dataclass
@@ -11,29 +10,24 @@ from pathlib import Path
 from typing import Any, Callable
 
 import hydra
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from PIL import Image
-from PIL.PngImagePlugin import PngInfo
-from torch import Tensor
 from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
-from ldm.checkpoints import CheckpointStageError
-from ldm.diffusion.guidance import checked_interval, checked_rescale
-from ldm.diffusion.samplers import SAMPLERS, Sampler
-from ldm.pipeline import check_image_size, generate_images
-from ldm.training.ldm_module import LatentDiffusionModule
+from ldm.diffusion.guidance import checked_interval, checked_rescale, checked_scale
+from ldm.diffusion.samplers import Sampler
+from ldm.diffusion.schedule import NoiseSchedule
+from ldm.errors import CheckpointError, SamplingInputError
+from ldm.inference.images import image_size_of, load_image, save_png
+from ldm.inference.model import LatentDiffusionModel, load_model
+from ldm.inference.pipeline import check_image_size, generate_images
 
 log = logging.getLogger(__name__)
 
 SAMPLER_SHORTCUTS = ("steps", "eta", "spacing", "karras")
-"""Top-level options of sample.yaml that, when set, override the chosen sampler's own."""
-
-
-class SamplingInputError(ValueError):
-    """Bad user input to sample.py: reported as one line, without a traceback."""
+"""Documented aliases: top-level options of sample.yaml that, when set, override the same option of the
+chosen sampler config (`steps=20` is `sampler.steps=20`)."""
 
 
 @dataclass
@@ -57,30 +51,25 @@ def read_prompts(prompt: str | None, prompts_file: str | None) -> list[str]:
     return prompts
 
 
-def load_model(ckpt: str | None, device: torch.device) -> LatentDiffusionModule:
+def load_checkpoint_for_sampling(ckpt: str | None, device: torch.device, use_ema: bool) -> LatentDiffusionModel:
     if not ckpt:
         raise SamplingInputError("Give the stage-2 checkpoint to sample from: ckpt=runs/ldm/<run>/checkpoints/last.ckpt")
     if not Path(ckpt).is_file():
         raise SamplingInputError(f"ckpt={ckpt} does not exist. Give the path of a checkpoint of `python train.py stage=ldm`.")
     try:
-        return LatentDiffusionModule.from_checkpoint(ckpt, map_location=device)
-    except CheckpointStageError as err:
+        return load_model(ckpt, device, use_ema=use_ema)
+    except CheckpointError as err:
         raise SamplingInputError(str(err)) from err
+    except RuntimeError as err:  # strict load_state_dict: weights that do not fit the config stored beside them
+        first = str(err).strip().splitlines()[0]
+        raise SamplingInputError(f"ckpt={ckpt}: its weights do not fit the model config it carries ({first})") from None
 
 
-def sampler_name(target: str) -> str:
-    """The config-group name ("ddim", "euler_a", ...) of a sampler class path."""
-    cls = hydra.utils.get_class(target)
-    return next((name for name, known in SAMPLERS.items() if known is cls), cls.__name__)
-
-
-def sampler_from_config(sampler_cfg: DictConfig, schedule: Any, prediction: str, shortcuts: dict[str, Any]) -> tuple[str, Sampler, dict[str, Any]]:
-    """The sampler of the `sampler` config group over the model's schedule and prediction type (eps or
-    v, whatever the sampler config says), with the top-level shortcuts (steps, eta, spacing, karras)
-    applied where set. Returns its name, itself and its options."""
+def sampler_from_config(sampler_cfg: DictConfig, schedule: NoiseSchedule, shortcuts: dict[str, Any]) -> tuple[Sampler, dict[str, Any]]:
+    """The sampler of the `sampler` config group over the model's schedule, with the top-level aliases
+    (steps, eta, spacing, karras) applied where set. Returns it and its options."""
     options = OmegaConf.to_container(sampler_cfg, resolve=True)
-    name = sampler_name(options["_target_"])
-    options["prediction"] = prediction
+    name = hydra.utils.get_class(options["_target_"]).name
     for key, value in shortcuts.items():
         if value is None:
             continue
@@ -94,48 +83,16 @@ def sampler_from_config(sampler_cfg: DictConfig, schedule: Any, prediction: str,
         raise SamplingInputError(f"sampler={name}: {err}") from err
     if "spacing" in options:
         options["spacing"] = sampler.spacing
-    return name, sampler, {k: v for k, v in options.items() if not k.startswith("_")}
+    return sampler, {k: v for k, v in options.items() if not k.startswith("_")}
 
 
-def load_image(path: str, size: tuple[int, int] | None, mode: str) -> Tensor:
-    """An image file as a 1 x C x H x W tensor in [0, 1], resized to `size` (W, H) if given."""
-    if not Path(path).is_file():
-        raise SamplingInputError(f"{path} does not exist.")
-    image = Image.open(path).convert(mode)
-    if size is not None and image.size != size:
-        image = image.resize(size, Image.Resampling.LANCZOS if mode == "RGB" else Image.Resampling.BILINEAR)
-    array = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)
-    return (array.permute(2, 0, 1) if array.ndim == 3 else array[None])[None]
-
-
-def to_pil(image: Tensor) -> Image.Image:
-    """C x H x W in [0, 1] -> 8-bit RGB."""
-    array = (image.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
-    return Image.fromarray(array.permute(1, 2, 0).numpy())
-
-
-def png_info(metadata: dict[str, Any]) -> PngInfo:
-    """PNG text chunks: strings as they are, anything else as JSON."""
-    info = PngInfo()
-    for key, value in metadata.items():
-        info.add_text(key, value if isinstance(value, str) else json.dumps(value))
-    return info
-
-
-def save_png(image: Tensor, path: Path, metadata: dict[str, Any]) -> None:
-    to_pil(image).save(path, pnginfo=png_info(metadata))
-
-
-def image_size(cfg: DictConfig, model: LatentDiffusionModule) -> tuple[int, int]:
+def image_size(cfg: DictConfig, model: LatentDiffusionModel) -> tuple[int, int]:
     """(H, W): as given; else the init image's size; else the autoencoder's training resolution."""
     height, width = cfg.H, cfg.W
     if (height is None or width is None) and cfg.init_image:
-        if not Path(cfg.init_image).is_file():
-            raise SamplingInputError(f"init_image={cfg.init_image} does not exist.")
-        init_width, init_height = Image.open(cfg.init_image).size
+        init_width, init_height = image_size_of(cfg.init_image)
         height, width = height or init_height, width or init_width
-    resolution = model.hparams.autoencoder.get("resolution", 64)
-    return int(height or resolution), int(width or resolution)
+    return int(height or model.image_size), int(width or model.image_size)
 
 
 def plan_jobs(prompts: list[str], n_samples: int, seed: int) -> list[ImageJob]:
@@ -147,7 +104,13 @@ def plan_jobs(prompts: list[str], n_samples: int, seed: int) -> list[ImageJob]:
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise SamplingInputError(f"device={name}: {err}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SamplingInputError(f"device={name}, but no CUDA GPU is available here: use device=cpu or device=auto.")
+    return device
 
 
 def checked_setting(cfg: DictConfig, key: str, check: Callable[[Any], Any]) -> Any:
@@ -158,26 +121,42 @@ def checked_setting(cfg: DictConfig, key: str, check: Callable[[Any], Any]) -> A
         raise SamplingInputError(f"{key}={cfg[key]}: {err}") from None
 
 
-@torch.no_grad()
-def sample(cfg: DictConfig) -> list[Path]:
-    """Runs sample.yaml's settings; returns the paths of the image PNGs (the grid is `grid.png` beside them)."""
+def check_inputs(cfg: DictConfig) -> None:
+    """Everything about the command line that can be checked before a model is loaded."""
     if cfg.n_samples < 1 or cfg.batch_size < 1:
         raise SamplingInputError(f"n_samples ({cfg.n_samples}) and batch_size ({cfg.batch_size}) must be at least 1.")
     if cfg.mask and not cfg.init_image:
         raise SamplingInputError("mask=PATH needs init_image=PATH: inpainting regenerates the white part of the mask in that image.")
+    if not (isinstance(cfg.strength, (int, float)) and 0.0 <= cfg.strength <= 1.0):
+        raise SamplingInputError(f"strength={cfg.strength}: img2img strength must be in [0, 1] (0 keeps the init image, 1 ignores it).")
     if cfg.strength != 1.0 and not cfg.init_image:
         raise SamplingInputError(f"strength={cfg.strength} needs init_image=PATH (img2img).")
+    for key in ("init_image", "mask"):
+        if cfg[key] and not Path(cfg[key]).is_file():
+            raise SamplingInputError(f"{key}={cfg[key]} does not exist.")
+    if cfg.mask:
+        init_size, mask_size = image_size_of(cfg.init_image), image_size_of(cfg.mask)
+        if init_size != mask_size:
+            raise SamplingInputError(f"mask={cfg.mask} is {mask_size[0]}x{mask_size[1]} but init_image={cfg.init_image} is "
+                                     f"{init_size[0]}x{init_size[1]}: the mask must have the init image's size.")
+
+
+@torch.no_grad()
+def sample(cfg: DictConfig) -> list[Path]:
+    """Runs sample.yaml's settings; returns the paths of the image PNGs (the grid is `grid.png` beside them)."""
+    check_inputs(cfg)
+    guidance_scale = checked_setting(cfg, "guidance_scale", checked_scale)
     checked_setting(cfg, "guidance_rescale", checked_rescale)
     interval = checked_setting(cfg, "guidance_interval", checked_interval)
     prompts = read_prompts(cfg.prompt, cfg.prompts_file)
     device = pick_device(cfg.device)
-    model = load_model(cfg.ckpt, device)
+    model = load_checkpoint_for_sampling(cfg.ckpt, device, bool(cfg.use_ema))
     height, width = image_size(cfg, model)
     try:
-        check_image_size(height, width, model.autoencoder.downsample_factor)
+        check_image_size(height, width, model.codec.downsample_factor)
     except ValueError as err:
         raise SamplingInputError(str(err)) from err
-    name, sampler, sampler_options = sampler_from_config(cfg.sampler, model.schedule, model.hparams.prediction, {k: cfg.get(k) for k in SAMPLER_SHORTCUTS})
+    sampler, sampler_options = sampler_from_config(cfg.sampler, model.schedule, {k: cfg.get(k) for k in SAMPLER_SHORTCUTS})
     init_image = load_image(cfg.init_image, (width, height), "RGB") * 2 - 1 if cfg.init_image else None
     mask = load_image(cfg.mask, (width, height), "L") if cfg.mask else None
     seed = cfg.seed if cfg.seed is not None else random.randrange(2**31)
@@ -187,9 +166,9 @@ def sample(cfg: DictConfig) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = {
         "negative_prompt": cfg.negative_prompt,
-        "sampler": name,
+        "sampler": sampler.name,
         "steps": sampler.steps,
-        "guidance_scale": float(cfg.guidance_scale),
+        "guidance_scale": guidance_scale,
         "guidance_rescale": float(cfg.guidance_rescale),
         "guidance_interval": list(interval) if interval else None,
         "checkpoint": str(Path(cfg.ckpt).resolve()),
@@ -197,12 +176,14 @@ def sample(cfg: DictConfig) -> list[Path]:
         "H": height,
         "W": width,
         "use_ema": bool(cfg.use_ema),
+        "prediction": model.prediction,
+        "scale_factor": float(model.scale_factor),
     }
     if cfg.init_image:
         settings.update(init_image=str(Path(cfg.init_image).resolve()), strength=float(cfg.strength))
     if cfg.mask:
         settings["mask"] = str(Path(cfg.mask).resolve())
-    log.info("Sampling %d image(s) of %dx%d with %r, guidance %.2f, seeds %d..%d", len(jobs), width, height, sampler, cfg.guidance_scale, seed, seed + len(jobs) - 1)
+    log.info("Sampling %d image(s) of %dx%d with %r, guidance %.2f, seeds %d..%d", len(jobs), width, height, sampler, guidance_scale, seed, seed + len(jobs) - 1)
 
     paths, images = [], []
     progress = tqdm(total=len(jobs), desc="images", unit="img", disable=not cfg.progress)
@@ -215,11 +196,10 @@ def sample(cfg: DictConfig) -> list[Path]:
             [job.seed for job in batch],
             height=height,
             width=width,
-            guidance_scale=float(cfg.guidance_scale),
+            guidance_scale=guidance_scale,
             guidance_rescale=float(cfg.guidance_rescale),
             guidance_interval=interval,
             negative_prompt=cfg.negative_prompt,
-            use_ema=bool(cfg.use_ema),
             init_image=init_image,
             strength=float(cfg.strength),
             mask=mask,

@@ -1,39 +1,23 @@
-"""Text-to-image, img2img and inpainting in latent space: noise -> sampler over a (guided) UNet -> decode.
-
-The functions here take any object shaped like `LatentDiffusionModule` (see `LatentDiffusionModel`):
-this module imports nothing of Lightning or of `ldm.training`, so the module itself can call it.
-"""
+"""Text-to-image, img2img and inpainting in latent space: noise -> sampler over a (guided) denoiser -> decode."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol, Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ldm.diffusion.denoiser import Denoiser
 from ldm.diffusion.guidance import ClassifierFreeGuidance
-
-
-class LatentDiffusionModel(Protocol):
-    """What sampling needs from a trained stage-2 model."""
-
-    unet: nn.Module
-    ema: Any
-    autoencoder: Any
-    scale_factor: Tensor
-    device: torch.device
-
-    def encode_text(self, captions: list[str]) -> Tensor: ...
-
-    def decode_latents(self, z: Tensor) -> Tensor: ...
-
+from ldm.diffusion.samplers import Sampler
+from ldm.inference.model import LatentDiffusionModel
 
 STEP_NOISE_SEED_OFFSET = 2**32
 """Keeps each image's per-step noise stream apart from the stream its starting noise came from."""
 
 
-def guided_model(
+def guided_network(
     unet: nn.Module,
     context: Tensor,
     uncond: Tensor,
@@ -41,7 +25,8 @@ def guided_model(
     guidance_rescale: float = 0.0,
     guidance_interval: tuple[float, float] | None = None,
 ) -> Callable[[Tensor, Tensor], Tensor]:
-    """The denoiser a sampler sees. Scale 1 is plain conditional sampling (one forward, no uncond pass)."""
+    """The network a denoiser wraps: the UNet with its conditioning bound, guided unless the scale is 1
+    (plain conditional sampling: one forward, no unconditional pass)."""
     if guidance_scale == 1.0:
         return lambda x, t: unet(x, t, context)
     return ClassifierFreeGuidance(unet, context, uncond, guidance_scale, guidance_rescale, guidance_interval)
@@ -49,13 +34,14 @@ def guided_model(
 
 def denoise_latents(
     unet: nn.Module,
-    sampler: Any,
+    sampler: Sampler,
     context: Tensor,
     uncond: Tensor,
     guidance_scale: float,
     x_T: Tensor,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     *,
+    prediction: str,
     x0: Tensor | None = None,
     strength: float = 1.0,
     mask: Tensor | None = None,
@@ -63,9 +49,11 @@ def denoise_latents(
     guidance_rescale: float = 0.0,
     guidance_interval: tuple[float, float] | None = None,
 ) -> Tensor:
-    """Runs `sampler` from the noise `x_T` over the guided UNet; img2img and inpainting as in `Sampler.sample`."""
-    model = guided_model(unet, context, uncond, guidance_scale, guidance_rescale, guidance_interval)
-    return sampler.sample(model, x_T, generator=generator, progress=progress, x0=x0, strength=strength, mask=mask)
+    """Runs `sampler` from the noise `x_T` over the guided UNet, which predicts `prediction` (eps, v or
+    x0); img2img and inpainting as in `Sampler.sample`."""
+    network = guided_network(unet, context, uncond, guidance_scale, guidance_rescale, guidance_interval)
+    denoiser = Denoiser(network, prediction)
+    return sampler.sample(denoiser, x_T, generator=generator, progress=progress, x0=x0, strength=strength, mask=mask)
 
 
 def check_image_size(height: int, width: int, factor: int) -> None:
@@ -82,14 +70,6 @@ def seeded_noise(seeds: Sequence[int], shape: tuple[int, ...], device: torch.dev
     return torch.stack(noise).to(device)
 
 
-@torch.no_grad()
-def encode_init_image(model: LatentDiffusionModel, image: Tensor) -> Tensor:
-    """Scaled posterior mean of `image` (B x 3 x H x W in [-1, 1]): the deterministic latent of an init image."""
-    with torch.autocast(model.device.type, enabled=False):
-        mean = model.autoencoder.encode(image.to(model.device).float()).mode()
-    return mean * model.scale_factor.float()
-
-
 def latent_mask(mask: Tensor, factor: int) -> Tensor:
     """A pixel mask (B x 1 x H x W, 1 = regenerate) at latent resolution: a latent pixel is regenerated if
     any image pixel it covers is, so the kept latents only ever cover pixels the user asked to keep."""
@@ -99,7 +79,7 @@ def latent_mask(mask: Tensor, factor: int) -> Tensor:
 @torch.no_grad()
 def generate_images(
     model: LatentDiffusionModel,
-    sampler: Any,
+    sampler: Sampler,
     prompts: Sequence[str],
     seeds: Sequence[int],
     *,
@@ -109,13 +89,13 @@ def generate_images(
     guidance_rescale: float = 0.0,
     guidance_interval: tuple[float, float] | None = None,
     negative_prompt: str = "",
-    use_ema: bool = True,
     init_image: Tensor | None = None,
     strength: float = 1.0,
     mask: Tensor | None = None,
     progress: bool = False,
+    decode: bool = True,
 ) -> Tensor:
-    """Images in [-1, 1], one per (prompt, seed).
+    """Images in [-1, 1], one per (prompt, seed); with `decode=False`, their scaled latents.
 
     Text-to-image by default. With `init_image` (1 or B x 3 x height x width in [-1, 1]): img2img at
     `strength` (0 gives back the autoencoder's reconstruction of the init image, 1 the text-to-image
@@ -124,31 +104,32 @@ def generate_images(
 
     Image k's starting noise, and the fresh noise stochastic samplers (DDPM, DDIM with eta > 0, Euler
     ancestral) add at each step, come from `seeds[k]` alone, so an image does not depend on its batch.
+    The UNet is `model.unet`: the EMA weights when the model was loaded with `use_ema=True`.
     """
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     if init_image is None and (mask is not None or strength < 1.0):
         raise ValueError("img2img (strength < 1) and inpainting (mask) need an init image")
-    factor = model.autoencoder.downsample_factor
-    check_image_size(height, width, factor)
+    codec = model.codec
+    check_image_size(height, width, codec.downsample_factor)
     device = model.device
-    x_T = seeded_noise(seeds, (model.autoencoder.latent_channels, height // factor, width // factor), device)
+    x_T = seeded_noise(seeds, codec.latent_shape(height, width), device)
     x0 = latents_mask = None
     if init_image is not None:
         _check_spatial(init_image, height, width, "init image")
-        x0 = encode_init_image(model, init_image).expand_as(x_T)
+        x0 = codec.encode(init_image, sample=False).expand_as(x_T)
     if mask is not None:
         _check_spatial(mask, height, width, "mask")
-        latents_mask = latent_mask(mask.to(device), factor)
+        latents_mask = latent_mask(mask.to(device), codec.downsample_factor)
     context = model.encode_text(list(prompts))
     uncond = model.encode_text([negative_prompt] * len(prompts))
-    unet = model.ema.module if use_ema else model.unet
     generator = [torch.Generator(device=device).manual_seed(STEP_NOISE_SEED_OFFSET + int(seed)) for seed in seeds]
     z = denoise_latents(
-        unet, sampler, context, uncond, guidance_scale, x_T, generator, x0=x0, strength=strength, mask=latents_mask,
-        progress=progress, guidance_rescale=guidance_rescale, guidance_interval=guidance_interval,
+        model.unet, sampler, context, uncond, guidance_scale, x_T, generator, prediction=model.prediction,
+        x0=x0, strength=strength, mask=latents_mask, progress=progress,
+        guidance_rescale=guidance_rescale, guidance_interval=guidance_interval,
     )
-    return model.decode_latents(z)
+    return codec.decode(z) if decode else z
 
 
 def _check_spatial(image: Tensor, height: int, width: int, what: str) -> None:
