@@ -12,8 +12,9 @@ from PIL import Image, ImageDraw
 from torchvision.utils import make_grid
 
 from ldm.diffusion import SAMPLERS, build_sampler
-from ldm.pipeline import generate_images
-from ldm.sampling import load_model, pick_device, png_info, to_pil
+from ldm.inference import generate_images, load_model
+from ldm.inference.images import png_info, to_pil
+from ldm.inference.sample import pick_device
 
 LABEL_WIDTH = 80
 
@@ -33,11 +34,11 @@ def main() -> None:
     args = parser.parse_args()
 
     model = load_model(args.ckpt, pick_device(args.device))
-    size = args.size or model.hparams.autoencoder.get("resolution", 64)
+    size = args.size or model.image_size
     rows = []
     for name in args.samplers:
         steps = args.ddpm_steps if name == "ddpm" else args.steps
-        sampler = build_sampler(name, model.schedule, steps, prediction=model.hparams.prediction)
+        sampler = build_sampler(name, model.schedule, steps)
         images = generate_images(model, sampler, [args.prompt] * len(args.seeds), args.seeds, height=size, width=size, guidance_scale=args.guidance)
         rows.append((f"{name}\n{steps} steps", make_grid((images.float().cpu() + 1) / 2, nrow=len(args.seeds), padding=2, pad_value=1.0)))
 

@@ -23,7 +23,8 @@ from diffusers import DDIMScheduler
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 
-from ldm.diffusion import ClassifierFreeGuidance, DDIMSampler, NoiseSchedule
+from ldm.diffusion import DDIMSampler, NoiseSchedule
+from ldm.inference import denoise_latents
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 BETA_START, BETA_END = 0.00085, 0.012
@@ -32,7 +33,7 @@ BETA_START, BETA_END = 0.00085, 0.012
 def ours(unet: nn.Module, x_T: Tensor, context: Tensor, uncond: Tensor, scale: float, steps: int) -> Tensor:
     schedule = NoiseSchedule(kind="scaled_linear", beta_start=BETA_START, beta_end=BETA_END)
     sampler = DDIMSampler(schedule, steps, eta=0.0, spacing="leading")
-    return sampler.sample(ClassifierFreeGuidance(unet, context, uncond, scale), x_T, progress=False)
+    return denoise_latents(unet, sampler, context, uncond, scale, x_T, prediction="eps")
 
 
 def diffusers_loop(unet: nn.Module, x_T: Tensor, context: Tensor, uncond: Tensor, scale: float, steps: int) -> Tensor:

@@ -9,7 +9,7 @@ issue gives (fwd+bwd ≈ 0.54 TFLOP per image at 256², 2.41 at 512²) against a
 
 `sample`: 512² text-to-image latency, 50 DDIM steps, classifier-free guidance 7.5 (one batched UNet
 call per step), decoded by the SD-size autoencoder (`kl_f8`), both at random init, weights cast to
-bf16 or fp16. Ours (`DDIMSampler` + `ClassifierFreeGuidance` + `KLAutoencoder.decode`) beside
+bf16 or fp16. Ours (`ldm.inference.denoise_latents`: `DDIMSampler` over a guided `Denoiser`, then `KLAutoencoder.decode`) beside
 diffusers' `StableDiffusionPipeline` built from the exported UNet and autoencoder, with the same
 prompt embeddings and starting noise. The text encoder is timed apart (our OpenCLIP ViT-L/14 tower).
 
@@ -36,7 +36,8 @@ import yaml
 from torch import Tensor, nn
 
 from ldm.checkpoints.diffusers import autoencoder_to_diffusers, unet_to_diffusers
-from ldm.diffusion import ClassifierFreeGuidance, DDIMSampler, NoiseSchedule
+from ldm.diffusion import DDIMSampler, NoiseSchedule
+from ldm.inference import denoise_latents
 from ldm.modules.autoencoder import KLAutoencoder
 from ldm.modules.unet import UNetModel
 
@@ -204,7 +205,7 @@ def diffusers_pipeline(unet: nn.Module, vae: nn.Module) -> Any:
 
 
 def our_text_to_image(unet: nn.Module, vae: KLAutoencoder, sampler: DDIMSampler, x_T: Tensor, context: Tensor, uncond: Tensor, scale: float) -> Tensor:
-    z = sampler.sample(ClassifierFreeGuidance(unet, context, uncond, scale), x_T, progress=False)
+    z = denoise_latents(unet, sampler, context, uncond, scale, x_T, prediction="eps")
     dtype = next(vae.parameters()).dtype
     return (vae.decode((z / SCALE_FACTOR).to(dtype)).float() * 0.5 + 0.5).clamp(0, 1)
 
