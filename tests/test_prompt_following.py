@@ -1,11 +1,13 @@
-"""benchmarks/prompt_following.py: captions drawn as asked, every number in place, and the detector
-reads clean shapes (the checkpoints are trained a few steps only, so generation accuracies are not judged)."""
+"""ldm.evaluation.prompt_following and its command line, benchmarks/prompt_following.py: captions drawn as
+asked, every number in place, and the detector reads clean shapes (the checkpoints are trained a few steps
+only, so generation accuracies are not judged)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
+import runpy
+import subprocess
 import sys
 from pathlib import Path
 
@@ -14,20 +16,17 @@ import torch
 from PIL import Image
 
 from ldm.data.shapes import DEFAULT_HOLDOUT
+from ldm.diffusion import build_sampler
+from ldm.evaluation import prompt_following
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "prompt_following.py"
 COLUMNS = ("colour", "shape", "size", "position", "background", "all")
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("prompt_following", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-prompt_following = load_script()
+@pytest.fixture(scope="module")
+def cli_main():
+    """The script's `main`, run in-process (the script is not a package module)."""
+    return runpy.run_path(str(SCRIPT), run_name="prompt_following_cli")["main"]
 
 
 @pytest.fixture(autouse=True)
@@ -41,6 +40,16 @@ def one_thread():
 def assert_accuracies(accuracies: dict[str, float]) -> None:
     assert set(accuracies) == set(COLUMNS)
     assert all(0.0 <= value <= 1.0 for value in accuracies.values()), accuracies
+
+
+def test_the_library_imports_no_lightning_and_no_training_code(repo_root: str) -> None:
+    script = (
+        "import sys, ldm.evaluation.prompt_following\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning') or m.startswith('ldm.training'))\n"
+        "print(bad); sys.exit(1 if bad else 0)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=repo_root, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr[-2000:]
 
 
 def test_cases_split_between_held_out_and_seen_pairs() -> None:
@@ -61,9 +70,9 @@ def test_binomial_half_width() -> None:
     assert prompt_following.binomial_half_width(1.0, 100) == 0.0
 
 
-def test_generate_mode_scores_every_prompt(tiny_ldm_ckpt: str, tmp_path: Path, capsys) -> None:
+def test_generate_mode_scores_every_prompt(cli_main, tiny_ldm_ckpt: str, tmp_path: Path, capsys) -> None:
     grid = tmp_path / "grid.png"
-    result = prompt_following.main(
+    result = cli_main(
         ["generate", "--ckpt", tiny_ldm_ckpt, "--n", "6", "--steps", "2", "--guidance", "1", "3", "--batch-size", "4",
          "--holdout-fraction", "0.5", "--device", "cpu", "--grid", str(grid), "--no-progress", "--guidance-interval", "0", "400"]
     )  # fmt: skip
@@ -87,8 +96,8 @@ def test_generate_mode_scores_every_prompt(tiny_ldm_ckpt: str, tmp_path: Path, c
 
 def test_sampling_is_per_prompt_seeded(tiny_ldm_ckpt: str) -> None:
     """Image k depends on its prompt and seed only, not on how the cases are batched."""
-    model = prompt_following.load_model(tiny_ldm_ckpt, torch.device("cpu"))
-    sampler = prompt_following.build_sampler("ddim", model.schedule, 2, prediction=model.hparams.prediction)
+    model = prompt_following.load_for_evaluation(tiny_ldm_ckpt, torch.device("cpu"))
+    sampler = build_sampler("ddim", model.schedule, 2)
     cases = prompt_following.draw_cases(3, seed=0, holdout_fraction=0.0)
     together = prompt_following.sample_cases(model, sampler, cases, 3.0, 32, batch_size=3)
     one_by_one = prompt_following.sample_cases(model, sampler, cases, 3.0, 32, batch_size=1)
@@ -97,8 +106,8 @@ def test_sampling_is_per_prompt_seeded(tiny_ldm_ckpt: str) -> None:
     assert together.std(dim=0).mean() > 1e-3, "different seeds should give different images"
 
 
-def test_detector_mode_reads_clean_shapes(tiny_autoencoder_ckpt: str, capsys) -> None:
-    result = prompt_following.main(["detector", "--autoencoder-ckpt", tiny_autoencoder_ckpt, "--n", "64", "--device", "cpu"])
+def test_detector_mode_reads_clean_shapes(cli_main, tiny_autoencoder_ckpt: str, capsys) -> None:
+    result = cli_main(["detector", "--autoencoder-ckpt", tiny_autoencoder_ckpt, "--n", "64", "--device", "cpu"])
     assert result["clean"]["colour"] >= 0.98 and result["clean"]["shape"] >= 0.98, result["clean"]
     assert_accuracies(result["clean"])
     assert_accuracies(result["reconstruction"])
@@ -108,13 +117,22 @@ def test_detector_mode_reads_clean_shapes(tiny_autoencoder_ckpt: str, capsys) ->
 
 
 def test_no_ema_samples_with_the_trained_weights(tiny_ldm_ckpt: str) -> None:
-    """`--no-ema` must reach the pipeline: the tiny run's EMA differs from its weights, so do the images."""
-    model = prompt_following.load_model(tiny_ldm_ckpt, torch.device("cpu"))
-    sampler = prompt_following.build_sampler("ddim", model.schedule, 2, prediction=model.hparams.prediction)
+    """`use_ema=False` must reach the model: the tiny run's EMA differs from its weights, so do the images,
+    and the trained-weights model given the EMA's weights draws the EMA's images."""
+    ema_model = prompt_following.load_for_evaluation(tiny_ldm_ckpt, torch.device("cpu"))
+    raw_model = prompt_following.load_for_evaluation(tiny_ldm_ckpt, torch.device("cpu"), use_ema=False)
+    sampler = build_sampler("ddim", ema_model.schedule, 2)
     cases = prompt_following.draw_cases(2, seed=0, holdout_fraction=0.0)
-    ema = prompt_following.sample_cases(model, sampler, cases, 3.0, 32, batch_size=2)
-    raw = prompt_following.sample_cases(model, sampler, cases, 3.0, 32, batch_size=2, use_ema=False)
+    ema = prompt_following.sample_cases(ema_model, sampler, cases, 3.0, 32, batch_size=2)
+    raw = prompt_following.sample_cases(raw_model, sampler, cases, 3.0, 32, batch_size=2)
     assert (ema - raw).abs().max() > 1e-3
-    with torch.no_grad():
-        model.ema.copy_to(model.unet)
-    assert torch.equal(prompt_following.sample_cases(model, sampler, cases, 3.0, 32, batch_size=2, use_ema=False), ema)
+    raw_model.unet.load_state_dict(ema_model.unet.state_dict())
+    assert torch.equal(prompt_following.sample_cases(raw_model, sampler, cases, 3.0, 32, batch_size=2), ema)
+
+
+def test_no_ema_reaches_the_generation_benchmark(tiny_ldm_ckpt: str) -> None:
+    """`--no-ema` -> `evaluate_generation(use_ema=False)` scores the trained weights and says so."""
+    kwargs = {"n": 2, "steps": 1, "guidance_scales": (1.0,), "device": "cpu", "progress": False}
+    result = prompt_following.evaluate_generation(tiny_ldm_ckpt, use_ema=False, **kwargs)
+    assert result["weights"] == "raw"
+    assert "raw weights" in prompt_following.generation_report(result).splitlines()[0]
