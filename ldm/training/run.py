@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import secrets
 from pathlib import Path
@@ -9,20 +10,17 @@ from pathlib import Path
 import hydra
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from ldm.errors import ConfigError
 from ldm.training.autoencoder_module import optimizer_steps_for
-from ldm.training.callbacks import DataCountsLogger, ImageLogger, LastCheckpoint, PerRankSeed, RequeueOnSignal, SameRunOnAllRanks
+from ldm.training.callbacks import LastCheckpoint, PerRankSeed, RequeueOnSignal, SameRunOnAllRanks
 from ldm.training.checkpointing import AtomicCheckpointIO, find_resume_checkpoint
 
 log = logging.getLogger(__name__)
-
-
-class ConfigError(ValueError):
-    pass
 
 
 def _instantiate(cfg: DictConfig, what: str, **kwargs):
@@ -77,33 +75,47 @@ def build_logger(cfg: DictConfig, run_dir: Path) -> pl.loggers.Logger | bool:
     return _instantiate(cfg.logger, "logger", **extra)
 
 
+def build_callbacks(cfg: DictConfig, logger: pl.loggers.Logger | bool) -> list[pl.Callback]:
+    """The optional callbacks: each non-null entry of the `callbacks` config group (configs/callbacks/), in
+    its order, built by `hydra.utils.instantiate`. `~callbacks.NAME` or `callbacks.NAME=null` drops one,
+    `+callbacks.NAME._target_=...` adds one. A progress bar is kept only with `trainer.enable_progress_bar`
+    (Lightning refuses one otherwise) and a LearningRateMonitor only with a logger."""
+    callbacks: list[pl.Callback] = []
+    for name, entry in (cfg.get("callbacks") or {}).items():
+        what = f"callbacks.{name}"
+        if entry is None:
+            continue
+        if not isinstance(entry, DictConfig) or "_target_" not in entry:
+            raise ConfigError(f"`{what}` must be a config with a `_target_` (or null to drop it), got {entry!r}.")
+        callback = _instantiate(entry, what)
+        if not isinstance(callback, pl.Callback):
+            raise ConfigError(f"`{what}` ({entry._target_}) is not a Lightning Callback but a {type(callback).__name__}.")
+        if isinstance(callback, ProgressBar) and not cfg.trainer.get("enable_progress_bar", True):
+            continue
+        if isinstance(callback, LearningRateMonitor) and not logger:
+            continue
+        callbacks.append(callback)
+    return callbacks
+
+
 def build_trainer(cfg: DictConfig, run_dir: Path, ckpt_path: str | None = None) -> pl.Trainer:
-    checkpoints = run_dir / "checkpoints"
-    last_checkpoint = LastCheckpoint(checkpoints, cfg.get("checkpoint_every_n_steps"))
-    callbacks: list[pl.Callback] = [
-        ModelCheckpoint(
-            dirpath=checkpoints,
-            filename="best-{step}",
-            monitor=cfg.stage.get("monitor"),
-            mode=cfg.stage.get("monitor_mode", "min"),
-            save_last=False,  # LastCheckpoint writes last.ckpt
-            save_top_k=1,
-        ),
-        last_checkpoint,
-        ImageLogger(dirpath=str(run_dir / "images")),
-        PerRankSeed(cfg.seed),
-        DataCountsLogger(),
-        SameRunOnAllRanks(run_dir, ckpt_path),
-    ]
-    if cfg.trainer.get("enable_progress_bar", True):
-        callbacks.append(TQDMProgressBar(refresh_rate=10))
+    if str(run_dir) != cfg.get("run_dir"):  # the callbacks' and logger's `${run_dir}` follow the given directory
+        cfg = copy.deepcopy(cfg)
+        pin_run_dir(cfg, run_dir)
     logger = build_logger(cfg, run_dir)
-    if logger:
-        callbacks.append(LearningRateMonitor(logging_interval="step"))
+    # Built in code, not in the `callbacks` group: the machinery that resume and multi-process runs rely
+    # on. PerRankSeed seeds each batch (exact resume), SameRunOnAllRanks checks that all ranks share the
+    # run, LastCheckpoint owns last.ckpt (RequeueOnSignal, under SLURM, holds a reference to it). Lightning
+    # runs Checkpoint callbacks after all others, in list order: the configured "best" ModelCheckpoint,
+    # then LastCheckpoint, so the state last.ckpt saves includes everyone's for this step.
+    last_checkpoint = LastCheckpoint(run_dir / "checkpoints", cfg.get("checkpoint_every_n_steps"))
+    callbacks: list[pl.Callback] = [PerRankSeed(cfg.seed), SameRunOnAllRanks(run_dir, ckpt_path),
+                                    *build_callbacks(cfg, logger)]
     plugins: list = [AtomicCheckpointIO()]
     if SLURMEnvironment.detect():  # SIGUSR1 before the time limit: a collective stop, checkpoint and requeue
         plugins.append(SLURMEnvironment(auto_requeue=False))
         callbacks.append(RequeueOnSignal(last_checkpoint))
+    callbacks.append(last_checkpoint)
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     if cfg.stage.name == "autoencoder":
         trainer_cfg["max_steps"] = optimizer_steps_for(trainer_cfg.get("max_steps", -1), cfg.loss.disc_start)
