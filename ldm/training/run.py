@@ -28,7 +28,7 @@ def _instantiate(cfg: DictConfig, what: str, **kwargs):
     try:
         return hydra.utils.instantiate(cfg, **kwargs)
     except Exception as err:  # noqa: BLE001 - re-raised with context
-        cause = err.__cause__ or err
+        cause = " ".join(str(err.__cause__ or err).split())  # one line: Hydra's import errors span several
         raise ConfigError(f"Could not build `{what}` from the config ({cfg.get('_target_', '?')}): {cause}") from err
 
 
