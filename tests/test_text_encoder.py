@@ -40,6 +40,16 @@ def sd2_style_reference(clip: open_clip.CLIP, tokens: torch.Tensor, blocks_to_sk
     return clip.ln_final(x)
 
 
+def assert_close_across_implementations(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5) -> None:
+    """fp32 outputs of one function computed by two implementations (open_clip's ``encode_text`` vs the text
+    tower's ``forward_intermediates``: other attention paths and kernels, which also change with the batch
+    size and the CPU). They agree to a few ulp per op, not bitwise: measured here up to 2.8e-6 on
+    LayerNorm outputs of magnitude ~4 (tiny tower), 3.8e-6 for ViT-H-14. ``rtol`` bounds the large
+    entries; for the entries near zero, where ``rtol`` alone fails, an ``atol`` scaled to the tensor's
+    magnitude. Same implementation, same kernels and same input stay bit-exact (``torch.equal``) below."""
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * expected.abs().max().item())
+
+
 @pytest.fixture
 def clip_checkpoint(tmp_path) -> tuple[open_clip.CLIP, str]:
     clip = tiny_open_clip_model()
@@ -88,10 +98,10 @@ def test_last_layer_equals_open_clip_encode_text_tokens(clip_checkpoint) -> None
     hook.remove()
 
     ours = encoder(CAPTIONS)
-    torch.testing.assert_close(ours, captured["tokens"], rtol=0, atol=1e-6)
+    assert_close_across_implementations(ours, captured["tokens"])
     end_positions = tokens.argmax(dim=-1)
     ours_pooled = ours[torch.arange(len(CAPTIONS)), end_positions] @ encoder.text_tower.text_projection
-    torch.testing.assert_close(ours_pooled, pooled, rtol=1e-5, atol=1e-6)
+    assert_close_across_implementations(ours_pooled, pooled)
 
 
 def test_penultimate_layer_follows_stable_diffusion_2(clip_checkpoint) -> None:
@@ -103,7 +113,7 @@ def test_penultimate_layer_follows_stable_diffusion_2(clip_checkpoint) -> None:
         reference = sd2_style_reference(clip, tokens, blocks_to_skip=1)
 
     ours = penultimate(CAPTIONS)
-    torch.testing.assert_close(ours, reference, rtol=0, atol=1e-5)
+    assert_close_across_implementations(ours, reference)
     assert (ours - last(CAPTIONS)).abs().max() > 0.1
 
 
@@ -278,4 +288,4 @@ def test_vit_h14_text_tower_matches_open_clip_create_model() -> None:
     full.ln_final.register_forward_hook(lambda module, args, out: captured.update(tokens=out))
     with torch.no_grad():
         full.encode_text(tokens)
-    torch.testing.assert_close(encoder.encode_tokens(tokens), captured["tokens"], rtol=0, atol=1e-5)
+    assert_close_across_implementations(encoder.encode_tokens(tokens), captured["tokens"])

@@ -20,6 +20,8 @@ from torch import Tensor, nn
 
 from ldm.checkpoints import CheckpointStageError
 from ldm.diffusion.samplers import DDIMSampler
+from ldm.inference import generate_images
+from ldm.modules.latent_codec import LatentCodec
 from ldm.training.ldm_module import LatentDiffusionModule
 from ldm.training.run import ConfigError, build_trainer, train
 from train_helpers import TINY_LDM, compose_config
@@ -71,6 +73,10 @@ class IdentityPosterior:
 class LatentsAreInputs(nn.Module):
     """Stands in for the autoencoder: its latents are its inputs, so their statistics are known."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.anchor = nn.Parameter(torch.zeros(()), requires_grad=False)  # LatentCodec reads its device from a parameter
+
     def encode(self, x: Tensor) -> IdentityPosterior:
         return IdentityPosterior(x)
 
@@ -89,10 +95,17 @@ class VOracle(nn.Module):
 
 
 @pytest.fixture(scope="module")
-def module(tiny_autoencoder_ckpt, tmp_path_factory) -> LatentDiffusionModule:
-    """The tiny stage-2 module, untrained, with the scale factor fixed in the config (as for the SD VAE)."""
-    cfg = _ldm_config(tmp_path_factory.mktemp("ldm_module"), tiny_autoencoder_ckpt, "stage.module.scale_factor=0.18215")
-    return hydra.utils.instantiate(cfg.stage.module)
+def module_config(tiny_autoencoder_ckpt, tmp_path_factory):
+    return _ldm_config(tmp_path_factory.mktemp("ldm_module"), tiny_autoencoder_ckpt, "stage.module.scale_factor=0.18215")
+
+
+@pytest.fixture
+def module(module_config) -> LatentDiffusionModule:
+    """The tiny stage-2 module, untrained, with the scale factor fixed in the config (as for the SD VAE).
+    Built afresh for each test (~0.15 s), because tests monkeypatch its parts: monkeypatch cannot restore a
+    submodule or buffer of a shared nn.Module (pytest >= 9.2 deletes it at teardown: it is not in the
+    instance __dict__), and a module-scoped one would carry one test's patches into the next."""
+    return hydra.utils.instantiate(module_config.stage.module)
 
 
 # --- errors a user meets first ------------------------------------------------------------------
@@ -214,7 +227,7 @@ def test_a_dropped_caption_conditions_the_unet_as_sampling_does_unconditionally(
     dropped = training_unet.contexts[0]
     assert torch.equal(dropped[0], dropped[1])
 
-    module.sample([PROMPT], DDIMSampler(module.schedule, 1, prediction="v"), guidance_scale=5.0, height=32, width=32, seeds=[0])
+    generate_images(module.generation_model(), DDIMSampler(module.schedule, 1), [PROMPT], [0], height=32, width=32, guidance_scale=5.0)
     (guided_batch,) = sampling_unet.contexts
     cond = module.encode_text([PROMPT])[0]
     uncond_rows = [row for row in guided_batch if not torch.equal(row, cond)]
@@ -258,7 +271,7 @@ def test_validation_grids_of_a_v_model_are_sampled_as_v(module: LatentDiffusionM
     clean = torch.randn(1, 4, latent_size, latent_size, generator=torch.Generator().manual_seed(5))
     decoded: list[Tensor] = []
     monkeypatch.setattr(module.ema, "module", VOracle(clean, module.schedule.alphas_cumprod))
-    monkeypatch.setattr(module, "decode_latents", lambda z: decoded.append(z) or torch.zeros(z.shape[0], 3, 32, 32))
+    monkeypatch.setattr(LatentCodec, "decode", lambda codec, z: decoded.append(z) or torch.zeros(z.shape[0], 3, 32, 32))
     grids = module.log_images({"image": torch.zeros(2, 3, 32, 32), "caption": ["x", "y"]})
     assert grids["samples"].shape == (3, 2 * 34 + 2, 2 * 34 + 2)
     for z in decoded:
