@@ -12,7 +12,15 @@ from omegaconf import OmegaConf
 
 from ldm.errors import ConfigError as LdmConfigError
 from ldm.training import run
-from ldm.training.callbacks import DataCountsLogger, ImageLogger, LastCheckpoint, PerRankSeed, RequeueOnSignal, SameRunOnAllRanks
+from ldm.training.callbacks import (
+    DataCountsLogger,
+    ImageLogger,
+    LastCheckpoint,
+    PerRankSeed,
+    RequeueOnSignal,
+    SameRunOnAllRanks,
+    StopOnSignal,
+)
 from ldm.training.run import ConfigError, build_trainer, train
 from train_helpers import CONFIG_DIR, TINY_AUTOENCODER, TINY_LDM, compose_config
 
@@ -140,7 +148,7 @@ def test_the_shapes_ldm_recipe_trains_on_a_stage_1_checkpoint(tmp_path: Path, ti
 # --- the callbacks group ----------------------------------------------------------------------------
 
 DEFAULT_CALLBACKS = [PerRankSeed, SameRunOnAllRanks, ImageLogger, DataCountsLogger, LearningRateMonitor,
-                     ModelCheckpoint, LastCheckpoint]
+                     StopOnSignal, ModelCheckpoint, LastCheckpoint]
 
 
 def _callbacks(tmp_path: Path, *overrides: str, stage: list[str] = TINY_AUTOENCODER) -> list:
@@ -174,7 +182,7 @@ def test_a_callback_is_dropped_from_the_command_line(tmp_path: Path, drop: str) 
 
 
 def test_callbacks_none_keeps_only_the_built_in_machinery(tmp_path: Path) -> None:
-    assert [type(c) for c in _callbacks(tmp_path, "callbacks=none")] == [PerRankSeed, SameRunOnAllRanks, LastCheckpoint]
+    assert [type(c) for c in _callbacks(tmp_path, "callbacks=none")] == [PerRankSeed, SameRunOnAllRanks, StopOnSignal, LastCheckpoint]
 
 
 def test_a_callback_is_added_from_the_command_line(tmp_path: Path) -> None:
@@ -189,6 +197,7 @@ def test_under_slurm_the_requeue_callback_comes_before_last_ckpt(tmp_path: Path,
     callbacks = _callbacks(tmp_path)
     requeue = next(c for c in callbacks if isinstance(c, RequeueOnSignal))
     assert requeue.last_checkpoint is callbacks[-1] and callbacks.index(requeue) < len(callbacks) - 2
+    assert [c for c in callbacks if isinstance(c, StopOnSignal)] == [requeue]  # it handles SIGTERM and SIGINT too
 
 
 @pytest.mark.parametrize(("override", "match"), [

@@ -6,12 +6,14 @@ from ldm.checkpoints.io import (
     CheckpointNotFoundError,
     UnsafeCheckpointError,
     atomic_save,
+    previous_path_for,
     read_checkpoint,
     read_safetensors,
     read_state_dict,
     state_dict_sha256,
     sub_state_dict,
     temp_path_for,
+    verify_checkpoint,
 )
 from ldm.checkpoints.models import autoencoder_from_checkpoint, load_autoencoder
 from ldm.checkpoints.resume import LAST, find_resume_checkpoint, resume_candidates
@@ -32,6 +34,7 @@ __all__ = [
     "find_resume_checkpoint",
     "load_autoencoder",
     "load_sd_state_dict",
+    "previous_path_for",
     "read_checkpoint",
     "read_safetensors",
     "read_state_dict",
@@ -40,4 +43,5 @@ __all__ = [
     "state_dict_sha256",
     "sub_state_dict",
     "temp_path_for",
+    "verify_checkpoint",
 ]

@@ -7,6 +7,7 @@ before it runs. ``.safetensors`` files hold tensors alone.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import pickle
@@ -96,12 +97,30 @@ def temp_path_for(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+def previous_path_for(path: Path) -> Path:
+    """Where `atomic_save(..., keep_previous=True)` keeps the file it replaces: `last.ckpt` -> `last.previous.ckpt`."""
+    return path.with_name(f"{path.stem}.previous{path.suffix}")
+
+
+def verify_checkpoint(path: str | os.PathLike) -> None:
+    """Raises `CheckpointError` unless `path` reads back as a checkpoint. Memory-mapped and weights-only:
+    the tensors' bytes are not read, so this is cheap even for a multi-GB file."""
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # noqa: BLE001 - any failure to read back means the file is not usable
+        raise CheckpointError(f"{path} does not read back as a checkpoint: {_first_line(err)}") from None
+    if not isinstance(loaded, dict):
+        raise CheckpointError(f"{path} holds a {type(loaded).__name__}, not a checkpoint dict.")
+
+
+def atomic_save(obj: Any, path: str | os.PathLike, keep_previous: bool = False) -> None:
     """`torch.save` to a temporary file in the target's folder, fsync, rename over the target.
 
     `os.replace` is atomic on POSIX filesystems, so a process killed while writing (SIGKILL, node
     failure, the end of a SLURM time limit) leaves the previous file whole and a stray temporary
-    file, never a truncated checkpoint that the next resume would pick.
+    file, never a truncated checkpoint that the next resume would pick. With `keep_previous`, the new
+    file is read back first, and the file it replaces is kept as `previous_path_for(path)`: damage done
+    to the newest file later (a full disk, a copy cut short) still leaves an intact one to resume from.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -111,9 +130,14 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        if keep_previous:
+            verify_checkpoint(temp)
+            if path.is_file():
+                os.replace(path, previous_path_for(path))
         os.replace(temp, path)
     finally:
-        temp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a failed cleanup must not hide why the write failed
+            temp.unlink(missing_ok=True)
     _fsync_dir(path.parent)
 
 

@@ -168,6 +168,7 @@ class UNetModel(nn.Module):
                 skip_channels.append(channels)
                 factor *= 2
 
+        self.downsample_factor = factor
         self.middle_block = TimestepEmbedSequential(
             res_block(channels, channels), transformer(channels), res_block(channels, channels)
         )

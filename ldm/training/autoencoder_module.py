@@ -10,6 +10,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from ldm.checkpoints import require_stage
+from ldm.errors import ConfigError
 from ldm.training.callbacks import to_grid
 from ldm.training.config import to_plain
 from ldm.training.lr_schedules import warmup_cosine
@@ -68,6 +69,13 @@ class AutoencoderModule(pl.LightningModule):
     def forward(self, x: Tensor) -> Tensor:
         posterior = self.autoencoder.encode(x)
         return self.autoencoder.decode(posterior.mode())
+
+    def check_image_size(self, size: int) -> None:
+        """Training images must be a multiple of the autoencoder's downsampling factor."""
+        factor = self.autoencoder.downsample_factor
+        if size <= 0 or size % factor:
+            raise ConfigError(f"image_size={size}: the autoencoder downsamples by {factor}, so image_size must be a "
+                              f"multiple of {factor} (e.g. {max(factor, size - size % factor)}).")
 
     def configure_optimizers(self) -> tuple[list[torch.optim.Optimizer], list[dict]]:
         """Autoencoder optimizer (warm-up + cosine decay, in generator steps) and discriminator optimizer

@@ -8,6 +8,7 @@ import os
 import random
 import signal
 import subprocess
+import threading
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -169,46 +170,100 @@ class SameRunOnAllRanks(pl.Callback):
             )
 
 
-class RequeueOnSignal(pl.Callback):
-    """SLURM's warning before the time limit (`#SBATCH --signal=SIGUSR1@90`): every rank stops at the end of
-    the same batch, `last.ckpt` is written (atomically, as always), and rank 0 requeues the job, which
-    comes back with the same id and run directory and resumes from it (`ckpt_path=auto`).
+class StopOnSignal(pl.Callback):
+    """SIGTERM (how schedulers, containers and preemptible VMs stop a job) and SIGINT (Ctrl-C): every rank
+    stops at the end of the same batch, `last.ckpt` is written (atomically, as always), and the run ends
+    with `stopped_by` set, so that `train.py` exits with 128 + the signal's number and the same command
+    resumes. A second Ctrl-C interrupts at once.
 
-    Lightning's own auto-requeue writes its checkpoint inside the signal handler, i.e. wherever each rank
-    happens to be; under DDP that checkpoint's barrier can meet another rank's gradient all-reduce and
-    hang. Here the handler only sets a flag, and the ranks agree on it after every batch with one
-    max-reduction of a single number (as Lightning does for SIGTERM), so the stop is collective.
+    Lightning's own SIGTERM handling ends the process with exit code 0 and no checkpoint. Here the
+    handler only sets a flag, and the ranks agree on it after every batch with one max-reduction of a
+    single number, so the stop is collective: a rank that saved alone would meet the others' gradient
+    all-reduce in its checkpoint barrier and hang.
     """
 
-    def __init__(self, last_checkpoint: LastCheckpoint, signum: int = signal.SIGUSR1) -> None:
+    def __init__(self, last_checkpoint: LastCheckpoint, signums: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> None:
         self.last_checkpoint = last_checkpoint
-        self.signum = signum
-        self.received = False
+        self.signums = tuple(signums)
+        self.received = 0
         self.stopping = False
-        self._previous: Any = None
+        self.stopped_by: int | None = None
+        self._previous: dict[int, Any] = {}
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        self.received = True
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def install(self) -> None:
+        """Takes the signals over, keeping the handlers it replaces for `restore`. `train` calls this before
+        building anything, so a signal during set-up stops the run after its first batch rather than
+        killing it; `on_train_start` takes them back from the handler Lightning installs at fit start."""
+        if threading.current_thread() is not threading.main_thread():
+            return  # signals reach the main thread only
+        for signum in self.signums:
+            previous = signal.signal(signum, self._on_signal)
+            self._previous.setdefault(signum, previous)
+
+    def restore(self) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+        self._previous.clear()
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._previous = signal.signal(self.signum, self._on_signal)
+        self.install()
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Lightning registered its own SIGTERM handler after on_fit_start (it would end the run with exit
+        # code 0 and no checkpoint); a SIGTERM it caught in between is taken over.
+        connector = getattr(trainer, "_signal_connector", None)
+        if connector is not None and connector.received_sigterm:
+            connector.received_sigterm = False
+            self.received = self.received or signal.SIGTERM
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.signums:
+                signal.signal(signum, self._on_signal)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int) -> None:
         flag = torch.tensor(float(self.received), device=trainer.strategy.root_device)
         if trainer.world_size > 1:
             flag = trainer.strategy.reduce(flag, reduce_op="max")
-        if float(flag) > 0 and not self.stopping:
-            log.warning("Signal %d (SLURM's time-limit warning): stopping after batch %d to checkpoint and requeue.",
-                        self.signum, trainer.fit_loop.total_batch_idx + 1)
+        signum = int(flag)
+        if signum > 0 and not self.stopping:
+            log.warning("%s: stopping after batch %d to write last.ckpt.", signal.Signals(signum).name,
+                        trainer.fit_loop.total_batch_idx + 1)
             self.stopping = True
+            self.stopped_by = signum
             # Saved here, at the batch end, like the periodic checkpoints: Lightning resumes its loop
             # counters (the logging step too) exactly from this point.
             self.last_checkpoint.save(trainer)
             trainer.should_stop = True
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        signal.signal(self.signum, self._previous if self._previous is not None else signal.SIG_DFL)
-        if self.stopping and trainer.is_global_zero:  # last.ckpt is written by now
+        self.restore()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self.restore()
+
+
+class RequeueOnSignal(StopOnSignal):
+    """Under SLURM: its warning before the time limit (`#SBATCH --signal=SIGUSR1@90`) stops the run as
+    SIGTERM does, then rank 0 requeues the job, which comes back with the same id and run directory and
+    resumes from `last.ckpt` (`ckpt_path=auto`). SIGTERM and SIGINT (scancel, the time limit itself) stop
+    and checkpoint without a requeue.
+    """
+
+    def __init__(self, last_checkpoint: LastCheckpoint, signum: int = signal.SIGUSR1) -> None:
+        super().__init__(last_checkpoint, (signum, signal.SIGTERM, signal.SIGINT))
+        self.signum = signum
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_end(trainer, pl_module)
+        if self.stopped_by != self.signum:
+            return
+        self.stopped_by = None  # a requeue is a planned stop: the process ends normally
+        if trainer.is_global_zero:  # last.ckpt is written by now
             job = os.environ["SLURM_JOB_ID"]
             if os.environ.get("SLURM_ARRAY_JOB_ID"):
                 job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
@@ -266,6 +321,24 @@ class DataCountsLogger(pl.Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._train_seen:
             self._summarise("training", self._all_ranks(trainer, pl_module, self.train_counts), trainer)
+        self._summarise_datasets(trainer, pl_module)
+
+    @staticmethod
+    def _summarise_datasets(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Map datasets that count their own unreadable files (`skipped`, e.g. a folder of images: at
+        construction and, in any DataLoader worker, at decode time) report their totals at the end."""
+        datamodule = trainer.datamodule
+        for split in ("train_set", "val_set"):
+            dataset = getattr(datamodule, split, None)
+            skipped = getattr(dataset, "skipped", None)
+            if skipped is None or isinstance(skipped, Tensor):
+                continue
+            local = torch.tensor([int(skipped)], dtype=torch.int64, device=pl_module.device)
+            total = int(trainer.strategy.reduce(local, reduce_op="max"))  # every rank holds the same files
+            if trainer.is_global_zero:
+                log.info("Data (%s): %d unreadable image(s) skipped in all (%d found when the dataset was built, %d at decode time).",
+                         split.removesuffix("_set"), total, getattr(dataset, "unreadable_at_start", 0),
+                         total - getattr(dataset, "unreadable_at_start", 0))
 
     @staticmethod
     def _all_ranks(trainer: pl.Trainer, pl_module: pl.LightningModule, counts: Counter[str]) -> dict[str, int]:

@@ -23,7 +23,8 @@ __all__ = ["LAST", "AtomicCheckpointIO", "find_resume_checkpoint", "resume_candi
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes each checkpoint through `atomic_save` (temporary file, fsync, rename) and reads it with
+    """Writes each checkpoint through `atomic_save` (temporary file, fsync, rename; for `last.ckpt` the new
+    file is read back first and the one it replaces kept as `last.previous.ckpt`) and reads it with
     `read_checkpoint` (``weights_only=True``: resuming never runs code from the file).
 
     Remote paths (s3://, gs://) go through Lightning's own writer: object stores replace objects whole.
@@ -34,7 +35,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().save_checkpoint(checkpoint, path, storage_options)
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} does not take storage_options, got {storage_options!r}")
-        atomic_save(checkpoint, Path(path))
+        path = Path(path)
+        atomic_save(checkpoint, path, keep_previous=path.name == LAST)
 
     def load_checkpoint(self, path: str | os.PathLike, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
         if not _is_local_file_protocol(str(path)):

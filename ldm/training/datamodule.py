@@ -15,6 +15,7 @@ from ldm.data.datamodule import build_dataloader
 from ldm.data.laion import ImageTextDecoder, MetadataFilter
 from ldm.data.latents import LatentDecoder, manifest_path_for, read_manifest
 from ldm.data.shards import ShardedDataset
+from ldm.errors import ConfigError
 
 log = logging.getLogger(__name__)
 # ShardedDataset's __len__ is exact: each worker yields its own share of batches from its own shards.
@@ -39,6 +40,19 @@ class ImageCaptionDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.seed = seed
+
+    def setup(self, stage: str | None = None) -> None:
+        """Refuses, before training starts, a training set that cannot fill one batch per rank (training
+        drops the last, partial batch, so such a run would train nothing and end as if it had)."""
+        if stage not in (None, "fit") or isinstance(self.train_set, IterableDataset):
+            return
+        world_size = self.trainer.world_size if self.trainer is not None else 1
+        per_rank = len(self.train_set) // world_size
+        if per_rank < self.batch_size:
+            raise ConfigError(
+                f"The training set has {len(self.train_set)} images, {per_rank} per rank over {world_size} rank(s): fewer than one "
+                f"batch of data.batch_size={self.batch_size}, so nothing would train. Lower data.batch_size or add data."
+            )
 
     def _loader(self, dataset: Dataset, batch_size: int, train: bool) -> DataLoader:
         shuffle = train and not isinstance(dataset, IterableDataset)

@@ -157,6 +157,15 @@ class LatentDiffusionModule(pl.LightningModule):
         hint = "autoencoder_ckpt must be the last.ckpt of a stage-1 run (`python train.py stage=autoencoder`)."
         return autoencoder_from_checkpoint(read_checkpoint(path), path, hint)
 
+    def check_image_size(self, size: int) -> None:
+        """Training images must map onto whole latent pixels that the UNet can halve at each level."""
+        ae, unet = self.autoencoder.downsample_factor, getattr(self.unet, "downsample_factor", 1)
+        if size <= 0 or size % (ae * unet):
+            raise ConfigError(
+                f"image_size={size}: stage 2 needs a multiple of {ae * unet} (the autoencoder downsamples by {ae}, "
+                f"the UNet by {unet} more); e.g. image_size={max(ae * unet, size - size % (ae * unet))}."
+            )
+
     @classmethod
     def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> "LatentDiffusionModule":
         """Rebuilds a trained module from its checkpoint alone (no YAML, no stage-1 file, no download)."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import logging
 import secrets
+import signal
+import tempfile
 from pathlib import Path
 
 import hydra
@@ -15,10 +17,12 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from ldm.errors import ConfigError
+from ldm.checkpoints import read_checkpoint
+from ldm.errors import ConfigError, LdmError
 from ldm.training.autoencoder_module import optimizer_steps_for
-from ldm.training.callbacks import LastCheckpoint, PerRankSeed, RequeueOnSignal, SameRunOnAllRanks
+from ldm.training.callbacks import LastCheckpoint, PerRankSeed, RequeueOnSignal, SameRunOnAllRanks, StopOnSignal
 from ldm.training.checkpointing import AtomicCheckpointIO, find_resume_checkpoint
+from ldm.training.run_lock import RunDirLock
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +49,9 @@ def pin_run_dir(cfg: DictConfig, output_dir: str | Path) -> None:
 
 
 def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
-    """`ckpt_path`: null (fresh run), a file, or "auto": the newest complete checkpoint of this run
-    directory (`checkpoints/last.ckpt`, or the `hpc_ckpt_<n>.ckpt` of a SLURM requeue), if any."""
+    """`ckpt_path`: null (fresh run), a file, or "auto": the newest checkpoint of this run directory that
+    reads back (`checkpoints/last.ckpt`, the `last.previous.ckpt` kept beside it, or the `hpc_ckpt_<n>.ckpt`
+    of a SLURM requeue), if any. A given file that does not read back stops the run here, in one line."""
     if ckpt_path in (None, "", "null"):
         return None
     if ckpt_path == "auto":
@@ -54,6 +59,7 @@ def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
         return str(found) if found else None
     if not Path(ckpt_path).is_file():
         raise FileNotFoundError(f"ckpt_path={ckpt_path} does not exist. Give the path of a .ckpt file to resume, or ckpt_path=null.")
+    read_checkpoint(ckpt_path)  # safe and complete, or a one-line CheckpointError before anything is built
     return ckpt_path
 
 
@@ -115,6 +121,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path, ckpt_path: str | None = None) 
     if SLURMEnvironment.detect():  # SIGUSR1 before the time limit: a collective stop, checkpoint and requeue
         plugins.append(SLURMEnvironment(auto_requeue=False))
         callbacks.append(RequeueOnSignal(last_checkpoint))
+    else:  # SIGTERM and SIGINT: a collective stop and checkpoint (RequeueOnSignal handles them under SLURM)
+        callbacks.append(StopOnSignal(last_checkpoint))
     callbacks.append(last_checkpoint)
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     if cfg.stage.name == "autoencoder":
@@ -123,27 +131,67 @@ def build_trainer(cfg: DictConfig, run_dir: Path, ckpt_path: str | None = None) 
                         default_root_dir=str(run_dir), plugins=plugins)
 
 
+class TrainingStopped(LdmError):
+    """The run stopped on SIGTERM or SIGINT after writing last.ckpt; `train.py` exits with 128 + `signum`."""
+
+    def __init__(self, signum: int, run_dir: Path, step: int) -> None:
+        name = signal.Signals(signum).name
+        super().__init__(f"stopped by {name} after step {step}; {run_dir / 'checkpoints' / 'last.ckpt'} holds it: "
+                         "run the same command again to resume.")
+        self.signum = signum
+
+
+def check_writable(run_dir: Path) -> None:
+    """The run directory and its checkpoints/ folder accept files, checked before anything is built (not at
+    the first save, minutes or hours in)."""
+    checkpoints = run_dir / "checkpoints"
+    try:
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=checkpoints, prefix=".write-check-"):
+            pass
+    except OSError as err:
+        raise ConfigError(f"run_dir={run_dir}: cannot write checkpoints into {checkpoints} ({err.strerror or err}).") from None
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Builds data, module and trainer from `cfg`, fits, and returns the final logged metrics."""
     run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    check_writable(run_dir)
+    lock = RunDirLock(run_dir).acquire() if rank_zero_only.rank == 0 else None
+    try:
+        return _train(cfg, run_dir)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     if rank_zero_only.rank == 0:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     pl.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision("high")
 
-    datamodule = _instantiate(cfg.data, "data")
-    module = _instantiate(cfg.stage.module, "stage.module", max_nonfinite_steps=cfg.max_nonfinite_steps)
-    if cfg.get("compile"):
-        module.compile_network(**OmegaConf.to_container(cfg.get("compile_kwargs") or {}, resolve=True))
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)
     trainer = build_trainer(cfg, run_dir, ckpt_path)
-    log.info("Run directory: %s", run_dir.resolve())
-    if ckpt_path:
-        log.info("Resuming from %s", ckpt_path)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    stopper = next(c for c in trainer.callbacks if isinstance(c, StopOnSignal))
+    stopper.install()
+    try:
+        datamodule = _instantiate(cfg.data, "data")
+        module = _instantiate(cfg.stage.module, "stage.module", max_nonfinite_steps=cfg.max_nonfinite_steps)
+        if cfg.get("image_size") is not None and hasattr(module, "check_image_size"):
+            module.check_image_size(int(cfg.image_size))
+        if cfg.get("compile"):
+            module.compile_network(**OmegaConf.to_container(cfg.get("compile_kwargs") or {}, resolve=True))
+        log.info("Run directory: %s", run_dir.resolve())
+        if ckpt_path:
+            log.info("Resuming from %s", ckpt_path)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    finally:
+        stopper.restore()
     if getattr(module, "nonfinite", None) is not None and module.nonfinite.total_skipped:
         log.warning("Skipped %d steps with a NaN/Inf loss.", module.nonfinite.total_skipped)
+    if stopper.stopped_by:
+        raise TrainingStopped(stopper.stopped_by, run_dir, getattr(module, "generator_step", trainer.global_step))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     log.info("Final metrics: %s", {k: round(v, 4) for k, v in metrics.items()})
     log.info("Checkpoints: %s", run_dir / "checkpoints")
