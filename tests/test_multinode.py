@@ -38,7 +38,8 @@ def test_two_nodes_of_one_process_equal_one_node_of_two(tmp_path: Path, repo_roo
     port = str(_free_port())
     nodes = []
     for node_rank in (0, 1):
-        env = _env(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, NODE_RANK=str(node_rank), LOCAL_RANK="0", WORLD_SIZE="2")
+        # As torchrun sets them (SLURM sets SLURM_PROCID and friends instead).
+        env = _env(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, NODE_RANK=str(node_rank), LOCAL_RANK="0", RANK=str(node_rank), WORLD_SIZE="2")
         overrides = [*common, "trainer.devices=1", "trainer.num_nodes=2", f"run_dir={tmp_path / 'two_nodes'}"]
         nodes.append(subprocess.Popen([sys.executable, "train.py", *overrides], cwd=repo_root, env=env,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
