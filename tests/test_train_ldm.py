@@ -119,7 +119,7 @@ def test_missing_autoencoder_ckpt_says_to_train_stage_autoencoder_first(tmp_path
 
 
 def test_a_stage2_checkpoint_as_autoencoder_ckpt_fails_clearly(tmp_path: Path, tiny_ldm_ckpt: str) -> None:
-    with pytest.raises(ConfigError, match=r"is a 'ldm' checkpoint; a 'autoencoder' checkpoint is needed.*stage-1"):
+    with pytest.raises(ConfigError, match=r"is a 'ldm' checkpoint, not a stage-1 \(autoencoder\) one.*stage-1"):
         train(_ldm_config(tmp_path, tiny_ldm_ckpt))
 
 
@@ -365,7 +365,7 @@ def test_loss_falls_on_a_fixed_batch(tmp_path: Path, tiny_autoencoder_ckpt: str,
     batch = next(iter(datamodule.val_dataloader()))
     ldm.scale_factor.fill_(ldm.measure_scale_factor([batch]))
     g = torch.Generator().manual_seed(6)
-    z0 = ldm.encode_images(batch["image"])
+    z0 = ldm.latents_of({"image": batch["image"]})
     context = ldm.encode_text(batch["caption"])
     t = torch.randint(0, ldm.schedule.num_timesteps, (z0.shape[0],), generator=g)
     noise = torch.randn(z0.shape, generator=g)

@@ -146,7 +146,11 @@ class ImageFolderDataset(Dataset):
         text_path = image_path.with_suffix(".txt")
         if not text_path.is_file():
             return None
-        return text_path.read_text(encoding="utf-8").strip()
+        try:
+            return text_path.read_text(encoding="utf-8").strip()
+        except UnicodeDecodeError as err:
+            logger.warning("caption %s is not UTF-8 (%s at byte %d): the image gets the default caption", text_path, err.reason, err.start)
+            return None
 
     @property
     def skipped(self) -> int:

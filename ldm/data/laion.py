@@ -47,7 +47,10 @@ def read_caption(sample: dict[str, Any], metadata: dict[str, Any], caption_key: 
         caption = value if isinstance(value, str) else ""
     else:
         raw = sample.get(caption_key)
-        caption = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else ""
+        try:
+            caption = raw.decode("utf-8") if isinstance(raw, bytes) else ""
+        except UnicodeDecodeError as err:
+            raise Rejected("bad_caption", f"'{caption_key}' is not UTF-8 ({err.reason} at byte {err.start})") from None
     caption = caption.strip()
     if not caption:
         raise Rejected("no_caption", f"no caption under '{caption_key}'")

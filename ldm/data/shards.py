@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import glob
 import logging
+import re
 import os
 import random
 from collections import Counter
@@ -41,6 +42,7 @@ COUNT_KEYS: tuple[str, ...] = (
     "shard_error",       # a shard could not be opened or read (missing, not a tar, truncated): what could not be read is skipped
     "bad_metadata",      # KEY.json is not a JSON object
     "no_caption",        # no caption, or an empty one
+    "bad_caption",       # a caption that is not UTF-8 text
     "no_image",          # a sample without KEY.jpg/.jpeg/.png/.webp
     "corrupt_image",     # the image does not decode
     "no_latent",         # a latent-cache sample without its arrays
@@ -128,6 +130,7 @@ class DataCounts:
         self.pending: Counter[str] = Counter()
         self.totals: Counter[str] = Counter()
         self.shard_errors_in_a_row = 0
+        self._counted_inside: str | None = None
 
     def count(self, key: str, n: int = 1) -> None:
         self.pending[key] += n
@@ -141,10 +144,22 @@ class DataCounts:
             logger.warning("skipping %s: %s%s", reason.replace("_", " "), detail, more)
 
     def shard_error(self, error: Exception) -> bool:
-        """webdataset's error handler for opening and reading tars: count, and go on with the next."""
-        # webdataset appends the stream and the URL to the error's args
-        message = error.args[0] if error.args else ""
-        url = next((arg for arg in reversed(error.args[1:]) if isinstance(arg, str)), "?")
+        """webdataset's error handler for opening and reading tars: count, and go on with the next.
+
+        A tar cut off inside a member reaches the handler twice: from the member reader (its message
+        ending in " @ <stream name='...'>", no URL) and again from the shard expander (the URL appended to
+        its args). It is one bad shard: counted at the first call, under the name read from the stream."""
+        message = str(error.args[0]) if error.args else ""
+        url = next((arg for arg in reversed(error.args[1:]) if isinstance(arg, str)), None)
+        if url is None:
+            stream = re.search(r" @ .*name='([^']+)'", message)
+            self._counted_inside = stream.group(1) if stream else None
+            url = self._counted_inside or "an unnamed stream"
+        elif self._counted_inside is not None and url.removeprefix("file:").removeprefix("//") == self._counted_inside:
+            self._counted_inside = None
+            return True
+        else:
+            self._counted_inside = None
         self.skip("shard_error", f"{url}: {type(error).__name__}: {message}")
         self.shard_errors_in_a_row += 1
         if self.shard_errors_in_a_row >= SHARD_ERRORS_IN_A_ROW_LIMIT:

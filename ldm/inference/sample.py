@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import hydra
+from hydra.errors import InstantiationException
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torchvision.utils import make_grid
@@ -63,6 +64,9 @@ def load_checkpoint_for_sampling(ckpt: str | None, device: torch.device, use_ema
     except RuntimeError as err:  # strict load_state_dict: weights that do not fit the config stored beside them
         first = str(err).strip().splitlines()[0]
         raise SamplingInputError(f"ckpt={ckpt}: its weights do not fit the model config it carries ({first})") from None
+    except InstantiationException as err:
+        cause = err.__cause__ or err
+        raise SamplingInputError(f"ckpt={ckpt}: the model config it carries cannot be built ({cause})") from None
 
 
 def sampler_from_config(sampler_cfg: DictConfig, schedule: NoiseSchedule, shortcuts: dict[str, Any]) -> tuple[Sampler, dict[str, Any]]:
