@@ -101,7 +101,7 @@ def test_image_k_depends_on_its_seed_only(model, name, options):
     sampler = build_sampler(name, model.schedule, 6, **options)
     batch = generate(model, sampler, seeds=(5, 6, 7))
     alone = generate(model, sampler, seeds=(7,))
-    torch.testing.assert_close(batch[2:], alone, atol=1e-5, rtol=0)
+    torch.testing.assert_close(batch[2:], alone, atol=1e-4, rtol=1e-5)
     assert (batch[0] - batch[2]).abs().mean() > 1e-2
     assert torch.equal(seeded_noise([7], (4, 2, 2), "cpu")[0], torch.randn(4, 2, 2, generator=torch.Generator().manual_seed(7)))
 

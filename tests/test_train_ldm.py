@@ -233,7 +233,7 @@ def test_a_dropped_caption_conditions_the_unet_as_sampling_does_unconditionally(
     uncond_rows = [row for row in guided_batch if not torch.equal(row, cond)]
     assert len(uncond_rows) == 1 and len(guided_batch) == 2
     # Bitwise equality is not promised across batch sizes (matmul kernels); distinct prompts differ by O(1).
-    torch.testing.assert_close(uncond_rows[0], dropped[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(uncond_rows[0], dropped[0], rtol=1e-5, atol=1e-5)
     assert (cond - dropped[0]).abs().max() > 0.1
 
 
@@ -434,4 +434,4 @@ def test_a_fresh_process_conditions_exactly_as_training_did(tmp_path: Path, tiny
     saved = {k.removeprefix("text_encoder."): v for k, v in ckpt["state_dict"].items() if k.startswith("text_encoder.")}
     for name, tensor in as_trained.state_dict().items():
         assert torch.equal(saved[name], tensor), name
-    torch.testing.assert_close(torch.load(out), as_trained([PROMPT]), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(torch.load(out), as_trained([PROMPT]), rtol=1e-5, atol=1e-5)
