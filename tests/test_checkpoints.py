@@ -78,11 +78,11 @@ def _run(repo_root: str, script: str, *args: str) -> subprocess.Popen:
 
 def test_every_entry_point_refuses_a_payload_with_one_line(payloads, repo_root: str, tmp_path: Path) -> None:
     tiny = ["image_size=32", "data.train.length=16", "data.val.length=8", "data.batch_size=8", "logger=csv", "trainer.max_steps=2",
-            "trainer.enable_progress_bar=false", "stage.module.scale_factor_batches=1"]
+            "trainer.enable_progress_bar=false"]
     runs = {
         "sample.py ckpt=": _run(repo_root, "sample.py", f"ckpt={payloads['ldm']}", "prompt=a red circle", "steps=2",
                                 f"out_dir={tmp_path / 'samples'}", "progress=false"),
-        "train.py autoencoder_ckpt=": _run(repo_root, "train.py", "stage=ldm", *tiny, f"autoencoder_ckpt={payloads['autoencoder']}",
+        "train.py autoencoder_ckpt=": _run(repo_root, "train.py", "stage=ldm", *tiny, "stage.module.scale_factor_batches=1", f"autoencoder_ckpt={payloads['autoencoder']}",
                                            f"run_dir={tmp_path / 'ldm_run'}"),
         "train.py ckpt_path=": _run(repo_root, "train.py", "stage=autoencoder", *tiny, "model.resolution=32", "loss/perceptual=none",
                                     f"ckpt_path={payloads['autoencoder']}", f"run_dir={tmp_path / 'ae_run'}"),

@@ -47,14 +47,14 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        if "Weights only load failed" in str(err) or "weights_only" in str(err):
+        if re.search(r"Unsupported global|Unsupported operand", str(err)) and _looks_like_torch_file(path):
             raise UnsafeCheckpointError(
                 f"{path} holds Python objects that only running its code could load ({_unsafe_global(err)}); "
                 "ldm never runs code from a file. If you trust it, convert it once to .safetensors in a "
                 "separate Python session (torch.load(..., weights_only=False), then safetensors.torch.save_file "
                 "of its tensors) and pass that file instead."
             ) from None
-        raise CheckpointError(f"{path} is not a readable checkpoint: {_first_line(err)}") from None
+        raise CheckpointError(f"{path} is not a readable checkpoint (truncated, corrupt or not a torch file): {_first_line(err)}") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
         raise CheckpointError(
             f"{path} is not a readable checkpoint (truncated, corrupt or not a torch file): {_first_line(err)}"
@@ -81,10 +81,17 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
+def _looks_like_torch_file(path: Path) -> bool:
+    """A zip archive (torch.save's format) or a pickle stream (the legacy one), by their first bytes."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    return head == b"PK" or head[:1] == b"\x80"
+
+
 def _unsafe_global(err: BaseException) -> str:
     """The global torch's weights-only unpickler refused, e.g. "GLOBAL builtins.exec"."""
     match = re.search(r"Unsupported global: (GLOBAL \S+)", str(err))
-    return match.group(1) if match else "objects other than tensors and plain containers"
+    return match.group(1) if match else "pickle operations other than tensors and plain containers"
 
 
 def _first_line(err: BaseException) -> str:

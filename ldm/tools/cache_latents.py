@@ -34,6 +34,7 @@ from ldm.checkpoints import load_autoencoder, state_dict_sha256
 from ldm.data.laion import ImageTextDecoder
 from ldm.data.latents import write_manifest
 from ldm.data.shards import ShardedDataset
+from ldm.errors import LdmError
 
 log = logging.getLogger(__name__)
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
@@ -110,7 +111,7 @@ def cache_latents(cfg: DictConfig) -> dict[str, Any]:
 def main(cfg: DictConfig) -> None:
     try:
         cache_latents(cfg)
-    except (FileNotFoundError, FileExistsError) as error:
+    except (LdmError, FileNotFoundError, FileExistsError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
 
