@@ -26,3 +26,11 @@ class CheckpointStageError(CheckpointError):
 
 class SamplingInputError(LdmError, ValueError):
     """Bad input to sampling (prompts, images, sizes, sampler options)."""
+
+
+class EvaluationError(LdmError, ValueError):
+    """Bad input to `python evaluate.py` or the metrics (a wrong option, too few images for a metric)."""
+
+
+class MetricWeightsError(LdmError, FileNotFoundError):
+    """The weights a metric needs (the FID InceptionV3) are not on this machine or cannot be read safely."""
