@@ -1,7 +1,8 @@
 """The field's image metrics over the FID InceptionV3 (`ldm.evaluation.inception`) and pixel space.
 
 Generated sets (against a reference set of real images):
-- FID: torchmetrics' `FrechetInceptionDistance` over precomputed 2048-d pool features.
+- FID over the 2048-d pool features: the closed form, computed exactly with symmetric factorisations
+  (`fid`; torchmetrics' `FrechetInceptionDistance` gives the same number, ~45x slower at D = 2048).
 - KID: torchmetrics' `KernelInceptionDistance` (the unbiased MMD estimate with the cubic polynomial
   kernel, mean and std over random subsets), the one to trust for a few thousand images or fewer.
 - IS: torchmetrics' `InceptionScore` over the 1008 logits, when the weights have the classifier (the
@@ -57,15 +58,35 @@ def _as_double(features: Tensor) -> Tensor:
 
 
 def fid(real: Tensor, fake: Tensor) -> float:
-    """Fréchet Inception Distance between two sets of features (``N x D``), by torchmetrics, in float64."""
-    from torchmetrics.image.fid import FrechetInceptionDistance
+    """Fréchet Inception Distance between two sets of features (``N x D``), in float64:
+    ``|mu_r - mu_f|^2 + tr(S_r) + tr(S_f) - 2 tr((S_r S_f)^(1/2))``.
 
+    torchmetrics' `FrechetInceptionDistance` computes the last term from the eigenvalues of the
+    non-symmetric ``S_r S_f`` (``torch.linalg.eigvals``, ~45 s for D = 2048 on these CPUs); here it comes
+    exactly and in a second from symmetric factorisations: with centred features ``A``, ``B`` and
+    ``S = A^T A / (n - 1)``, the eigenvalues of ``S_r S_f`` are the squared singular values of ``A B^T``
+    over ``(n_r - 1)(n_f - 1)``, used when a set has fewer than D images; otherwise
+    ``tr((S_r^(1/2) S_f S_r^(1/2))^(1/2))`` from two ``eigh``. Both equal torchmetrics' and scipy's
+    ``sqrtm`` closed form (tests/test_metrics.py).
+    """
     if len(real) < 2 or len(fake) < 2:
         raise ValueError(f"FID needs at least 2 images a side, got {len(real)} and {len(fake)}")
-    metric = FrechetInceptionDistance(feature=_Precomputed(real.shape[1]))
-    metric.update(_as_double(real), real=True)
-    metric.update(_as_double(fake), real=False)
-    return max(float(metric.compute()), 0.0)
+    a, b = _as_double(real), _as_double(fake)
+    n_a, n_b = len(a), len(b)
+    mean_a, mean_b = a.mean(0), b.mean(0)
+    centred_a, centred_b = a - mean_a, b - mean_b
+    trace_a = centred_a.square().sum() / (n_a - 1)
+    trace_b = centred_b.square().sum() / (n_b - 1)
+    if min(n_a, n_b) <= a.shape[1]:
+        cross = torch.linalg.svdvals(centred_a @ centred_b.T).sum() / math.sqrt((n_a - 1) * (n_b - 1))
+    else:
+        cov_a = centred_a.T @ centred_a / (n_a - 1)
+        cov_b = centred_b.T @ centred_b / (n_b - 1)
+        values, vectors = torch.linalg.eigh(cov_a)
+        root_a = (vectors * values.clamp(min=0).sqrt()) @ vectors.T
+        cross = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp(min=0).sqrt().sum()
+    value = (mean_a - mean_b).square().sum() + trace_a + trace_b - 2 * cross
+    return max(float(value), 0.0)
 
 
 def kid(real: Tensor, fake: Tensor, subsets: int = 100, subset_size: int = 1000, seed: int = 0) -> tuple[float, float]:
