@@ -41,6 +41,16 @@ EXPECTED = {
         "stage.module.optimizer.lr": 5e-4, "stage.module.prediction": "v", "schedule.zero_terminal_snr": True,
         "model.model_channels": 32, "image_size": 32, "trainer.accelerator": "cpu",
     },
+    "emoji_autoencoder_1500": {
+        "stage.name": "autoencoder", "data.train._target_": "ldm.data.emoji.EmojiDataset", "image_size": 32,
+        "trainer.max_steps": 1500, "loss.disc_start": 1300, "callbacks.evaluation.every_n_steps": 250,
+        "callbacks.evaluation._target_": "ldm.training.evaluation_callback.EvaluationCallback", "trainer.accelerator": "cpu",
+    },
+    "emoji_ldm_10k": {
+        "stage.name": "ldm", "data.train._target_": "ldm.data.emoji.EmojiDataset", "image_size": 32, "trainer.max_steps": 10000,
+        "callbacks.evaluation.every_n_steps": 1000, "callbacks.evaluation.metrics": ["fid", "kid", "precision", "recall"],
+        "trainer.accelerator": "cpu",
+    },
     "kl_f8_gpu": {
         "stage.name": "autoencoder", "model.ch": 128, "model.ch_mult": [1, 2, 4, 4], "image_size": 256,
         "trainer.accelerator": "gpu", "trainer.precision": "bf16-mixed", "loss.pixel_loss": "l1",
@@ -71,6 +81,7 @@ MEASURED_COMMANDS = {
 }
 # What a run of a recipe needs on the command line besides it.
 REQUIRED = {"shapes_ldm_22k": ["autoencoder_ckpt=/dummy/last.ckpt"],
+            "emoji_ldm_10k": ["autoencoder_ckpt=/dummy/last.ckpt"],
             "kl_f8_gpu": ["data.train.root=/data/images"],
             "sd15_gpu": ["autoencoder_ckpt=/dummy/last.ckpt", "data.train.root=/data/images"],
             "sd21_gpu": ["autoencoder_ckpt=/dummy/last.ckpt", "data.train.root=/data/images"]}
