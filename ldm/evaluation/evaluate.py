@@ -289,8 +289,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                         "torch_threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
                         "date": datetime.datetime.now().isoformat(timespec="seconds")}
     if grid is not None:
-        nrow = 8 if stage == "ldm" else 8
-        save_png(make_grid((grid + 1) / 2, nrow=nrow, padding=2, pad_value=1.0), out_dir / grid_name, {"evaluation": stage})
+        save_png(make_grid((grid + 1) / 2, nrow=8, padding=2, pad_value=1.0), out_dir / grid_name, {"evaluation": stage})
         result["grid"] = str(out_dir / grid_name)
     (out_dir / "metrics.json").write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
     (out_dir / "metrics.md").write_text(markdown_table(result), encoding="utf-8")
@@ -316,6 +315,8 @@ def _evaluate_generation(cfg: DictConfig, dataset: Dataset, n_images: int, extra
         numbers, grid = generation_metrics_of(batches, extractor, reference, names, keep=GRID_IMAGES,
                                               kid_subsets=int(cfg.metrics.kid_subsets), kid_subset_size=int(cfg.metrics.kid_subset_size),
                                               is_splits=int(cfg.metrics.is_splits), pr_k=int(cfg.metrics.pr_k), seed=int(cfg.seed))
+    except EvaluationError:
+        raise
     except ValueError as err:  # sizes the networks cannot take, sampler options out of range
         raise SamplingInputError(str(err)) from err
     settings = {
