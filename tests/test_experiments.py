@@ -26,7 +26,7 @@ from train_helpers import CONFIG_DIR, TINY_AUTOENCODER, TINY_LDM, compose_config
 
 EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
 SHAPES_RECIPES = ["shapes_autoencoder_1500", "shapes_ldm_22k"]
-GPU_RECIPES = ["kl_f8_gpu", "sd15_gpu", "sd21_gpu"]
+GPU_RECIPES = ["kl_f8_gpu", "sd15_gpu", "sd21_gpu", "sd15_finetune_gpu"]
 # What each recipe must say: dotted key -> value.
 EXPECTED = {
     "shapes_autoencoder_1500": {
@@ -71,6 +71,12 @@ EXPECTED = {
         "stage.module.scale_factor": 0.18215, "stage.module.optimizer.lr": 1e-4, "image_size": 512,
         "trainer.accelerator": "gpu", "trainer.precision": "bf16-mixed", "data.batch_size": 16,
     },
+    "sd15_finetune_gpu": {
+        "stage.name": "ldm", "init_from": "/dummy/v1-5-pruned-emaonly.safetensors",
+        "stage.module.init_from": "/dummy/v1-5-pruned-emaonly.safetensors", "stage.module.optimizer.lr": 1e-5,
+        "model.gradient_checkpointing": True, "image_size": 512, "trainer.accelerator": "gpu",
+        "trainer.precision": "bf16-mixed", "data.batch_size": 8,
+    },
 }
 # The command lines the measured shapes runs were trained with (docs/results.md), which the recipes replace.
 MEASURED_COMMANDS = {
@@ -84,7 +90,8 @@ REQUIRED = {"shapes_ldm_22k": ["autoencoder_ckpt=/dummy/last.ckpt"],
             "emoji_ldm_10k": ["autoencoder_ckpt=/dummy/last.ckpt"],
             "kl_f8_gpu": ["data.train.root=/data/images"],
             "sd15_gpu": ["autoencoder_ckpt=/dummy/last.ckpt", "data.train.root=/data/images"],
-            "sd21_gpu": ["autoencoder_ckpt=/dummy/last.ckpt", "data.train.root=/data/images"]}
+            "sd21_gpu": ["autoencoder_ckpt=/dummy/last.ckpt", "data.train.root=/data/images"],
+            "sd15_finetune_gpu": ["init_from=/dummy/v1-5-pruned-emaonly.safetensors", "data.train.root=/data/images"]}
 # Tiny data and quiet trainers for running a recipe a few steps on the CPU.
 TINY_RUN = ["data.train.length=64", "data.val.length=16", "data.batch_size=8", "trainer.max_steps=2",
             "trainer.val_check_interval=2", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false",

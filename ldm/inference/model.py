@@ -12,8 +12,19 @@ import torch
 from torch import Tensor, nn
 
 from ldm.checkpoints import read_checkpoint, require_stage, sub_state_dict
+from ldm.checkpoints.io import SAFETENSORS
+from ldm.checkpoints.sd_single_file import (
+    StableDiffusionFile,
+    build_networks,
+    is_sd_checkpoint,
+    is_sd_state,
+    read_sd_file,
+    safetensors_header,
+    sd_file_from_tensors,
+)
 from ldm.diffusion.denoiser import Denoiser, check_prediction
 from ldm.diffusion.schedule import NoiseSchedule
+from ldm.errors import CheckpointError
 from ldm.modules.latent_codec import LatentCodec
 
 
@@ -84,18 +95,37 @@ class LatentDiffusionModel(nn.Module):
         return Denoiser(network, self.prediction)
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", use_ema: bool = True) -> LatentDiffusionModel:
-    """A stage-2 checkpoint of `python train.py stage=ldm` as a `LatentDiffusionModel` in eval mode,
-    with the EMA weights of its UNet (`use_ema=False`: the trained weights). Only the chosen UNet is
-    built. The file is read once, safely (no code in it runs), and needs no YAML, stage-1 file or download."""
+def load_model(
+    path: str | os.PathLike, device: str | torch.device = "cpu", use_ema: bool = True, prediction: str | None = None
+) -> LatentDiffusionModel:
+    """A stage-2 checkpoint of `python train.py stage=ldm`, or a Stable Diffusion 1.x / 2.x single file
+    (`.safetensors` or `.ckpt`), as a `LatentDiffusionModel` in eval mode, with the EMA weights of its
+    UNet when it has them (`use_ema=False`: the trained weights). Only the chosen UNet is built. The file
+    is read once, safely (no code in it runs), and needs no YAML, stage-1 file or download.
+
+    `prediction` ("eps" | "v") is for SD files whose kind does not say it (SD 2.x-base predicts eps; the
+    default for 2.x is the 768-v models' v); our checkpoints record theirs."""
+    if Path(path).suffix == SAFETENSORS and is_sd_state(safetensors_header(path)[0]):
+        return _from_sd_file(read_sd_file(path, use_ema=use_ema, prediction=prediction), device)
     ckpt = read_checkpoint(path)
+    if is_sd_checkpoint(ckpt):
+        state = ckpt.get("state_dict", ckpt)
+        step = ckpt.get("global_step")
+        sd = sd_file_from_tensors(list(state), state.__getitem__, path, use_ema=use_ema, prediction=prediction,
+                                  global_step=step if isinstance(step, int) else None)
+        return _from_sd_file(sd, device)
     require_stage(ckpt, "ldm", path)
     hparams, state = ckpt["hyper_parameters"], ckpt["state_dict"]
+    if prediction is not None and prediction != hparams.get("prediction", "eps"):
+        raise CheckpointError(f"{path} records prediction={hparams.get('prediction', 'eps')!r}; prediction= overrides only "
+                              "Stable Diffusion single files.")
     autoencoder = hydra.utils.instantiate(hparams["autoencoder"])
     autoencoder.load_state_dict(sub_state_dict(state, "autoencoder."), strict=True)
     text_encoder = build_text_encoder(hparams["text_encoder"], sub_state_dict(state, "text_encoder."))
     unet = hydra.utils.instantiate(hparams["model"])
     unet.load_state_dict(sub_state_dict(state, "ema.module." if use_ema else "unet."), strict=True)
+    configs = {"unet": hparams["model"], "autoencoder": hparams["autoencoder"], "text_encoder": hparams["text_encoder"],
+               "schedule": hparams["schedule"]}
     model = LatentDiffusionModel(
         unet=unet,
         autoencoder=autoencoder,
@@ -104,6 +134,23 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", use_
         prediction=hparams.get("prediction", "eps"),
         scale_factor=state["scale_factor"].to(torch.float64),
         image_size=hparams["autoencoder"].get("resolution", 64),
-        metadata={"checkpoint": str(Path(path).resolve()), "global_step": ckpt.get("global_step"), "weights": "ema" if use_ema else "raw"},
+        metadata={"checkpoint": str(Path(path).resolve()), "global_step": ckpt.get("global_step"),
+                  "weights": "ema" if use_ema else "raw", "configs": configs},
+    )
+    return model.eval().requires_grad_(False).to(device)
+
+
+def _from_sd_file(sd: StableDiffusionFile, device: str | torch.device) -> LatentDiffusionModel:
+    unet, autoencoder, text_encoder = build_networks(sd)
+    model = LatentDiffusionModel(
+        unet=unet,
+        autoencoder=autoencoder,
+        text_encoder=text_encoder,
+        schedule=hydra.utils.instantiate(sd.schedule_config),
+        prediction=sd.prediction,
+        scale_factor=sd.scale_factor,
+        image_size=sd.image_size,
+        metadata={"checkpoint": str(Path(sd.path).resolve()), "global_step": sd.global_step, "weights": sd.weights,
+                  "stable_diffusion": sd.version, "configs": sd.configs()},
     )
     return model.eval().requires_grad_(False).to(device)

@@ -52,13 +52,14 @@ def read_prompts(prompt: str | None, prompts_file: str | None) -> list[str]:
     return prompts
 
 
-def load_checkpoint_for_sampling(ckpt: str | None, device: torch.device, use_ema: bool) -> LatentDiffusionModel:
+def load_checkpoint_for_sampling(ckpt: str | None, device: torch.device, use_ema: bool, prediction: str | None = None) -> LatentDiffusionModel:
     if not ckpt:
         raise SamplingInputError("Give the stage-2 checkpoint to sample from: ckpt=runs/ldm/<run>/checkpoints/last.ckpt")
     if not Path(ckpt).is_file():
-        raise SamplingInputError(f"ckpt={ckpt} does not exist. Give the path of a checkpoint of `python train.py stage=ldm`.")
+        raise SamplingInputError(f"ckpt={ckpt} does not exist. Give the path of a checkpoint of `python train.py stage=ldm` "
+                                 "or of a Stable Diffusion 1.x / 2.x single file.")
     try:
-        return load_model(ckpt, device, use_ema=use_ema)
+        return load_model(ckpt, device, use_ema=use_ema, prediction=prediction)
     except CheckpointError as err:
         raise SamplingInputError(str(err)) from err
     except RuntimeError as err:  # strict load_state_dict: weights that do not fit the config stored beside them
@@ -154,7 +155,7 @@ def sample(cfg: DictConfig) -> list[Path]:
     interval = checked_setting(cfg, "guidance_interval", checked_interval)
     prompts = read_prompts(cfg.prompt, cfg.prompts_file)
     device = pick_device(cfg.device)
-    model = load_checkpoint_for_sampling(cfg.ckpt, device, bool(cfg.use_ema))
+    model = load_checkpoint_for_sampling(cfg.ckpt, device, bool(cfg.use_ema), cfg.get("prediction"))
     height, width = image_size(cfg, model)
     try:
         check_image_size(height, width, model.codec.downsample_factor)

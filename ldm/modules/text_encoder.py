@@ -116,6 +116,11 @@ class OpenCLIPTextEncoder(nn.Module):
     ``layer="last"`` the output of the last one. ``final_norm`` applies ``ln_final`` to it: SD 2.x does
     so for the penultimate layer as well (Stability's ``FrozenOpenCLIPEmbedder`` runs ``ln_final`` after
     stopping one block early); SDXL's OpenCLIP-bigG embedder does not (``final_norm=False``).
+
+    ``pad_token_id`` fills the positions after the end-of-text token: None keeps open_clip's 0 (SD 2.x);
+    SD 1.x's CLIP tokenizer pads with the end-of-text token itself, 49407. The positions after the
+    caption are context rows the UNet attends to, so a model trained with one padding sees another
+    context under the other.
     """
 
     def __init__(
@@ -129,6 +134,7 @@ class OpenCLIPTextEncoder(nn.Module):
         final_norm: bool = True,
         seed: int = 0,
         state_dict: Mapping[str, Tensor] | None = None,
+        pad_token_id: int | None = None,
     ) -> None:
         super().__init__()
         if layer not in LAYERS:
@@ -159,6 +165,9 @@ class OpenCLIPTextEncoder(nn.Module):
             "final_norm": final_norm,
             "seed": seed,
         }
+        if pad_token_id is not None:  # absent from configs that pad with 0, as before the option existed
+            self.config["pad_token_id"] = pad_token_id
+        self.pad_token_id = pad_token_id
         self.layer = layer
         self.final_norm = final_norm
         self.max_length = max_length
@@ -250,7 +259,8 @@ class OpenCLIPTextEncoder(nn.Module):
         return super().train(False)
 
     def tokenize(self, captions: list[str]) -> Tensor:
-        """BPE token ids ``(B, max_length)``: start token, caption (truncated), end token, zero padding.
+        """BPE token ids ``(B, max_length)``: start token, caption (truncated), end token, padding (0, or
+        ``pad_token_id``).
 
         Rows are kept per caption (up to TOKEN_CACHE_SIZE captions, then the cache starts over): a dataset
         with a finite set of captions, and the empty unconditional caption, is tokenised once, not at every
@@ -260,8 +270,16 @@ class OpenCLIPTextEncoder(nn.Module):
             self._token_rows.clear()
             missing = list(dict.fromkeys(captions))
         if missing:
-            self._token_rows.update(zip(missing, self.tokenizer(missing)))
+            self._token_rows.update(zip(missing, self._pad(self.tokenizer(missing))))
         return torch.stack([self._token_rows[c] for c in captions])
+
+    def _pad(self, tokens: Tensor) -> Tensor:
+        """Rows of open_clip's tokenizer (zeros after the end token) padded with ``pad_token_id``."""
+        if self.pad_token_id is None:
+            return tokens
+        end = tokens.argmax(dim=-1, keepdim=True)  # the end-of-text token has the largest id: its first position
+        after = torch.arange(tokens.shape[-1]).unsqueeze(0) > end
+        return tokens.masked_fill(after, self.pad_token_id)
 
     @torch.no_grad()
     def encode_tokens(self, tokens: Tensor) -> Tensor:

@@ -20,6 +20,7 @@ from ldm.checkpoints import (
     state_dict_sha256,
     sub_state_dict,
 )
+from ldm.checkpoints.sd_single_file import module_from_state, read_sd_file
 from ldm.data.latents import require_same_encoders
 from ldm.diffusion.objectives import diffusion_target, loss_weight, offset_noise
 from ldm.diffusion.samplers import DDIMSampler
@@ -79,14 +80,39 @@ class LatentDiffusionModule(pl.LightningModule):
         timestep_buckets: int = 4,
         max_nonfinite_steps: int = 10,
         text_encoder_weights: Mapping[str, Tensor] | None = None,
+        init_from: str | None = None,
+        init_from_ema: bool = False,
+        init_from_prediction: str | None = None,
     ) -> None:
         """`autoencoder_ckpt` is a stage-1 checkpoint (its config and weights are used); `autoencoder`,
         a config, builds one whose weights come later (`from_checkpoint`). `text_encoder_weights` builds
-        the text encoder on those tensors instead of its configured source."""
+        the text encoder on those tensors instead of its configured source.
+
+        `init_from` is a Stable Diffusion 1.x / 2.x single file instead: the UNet starts from its weights
+        (`init_from_ema`: from its EMA weights, when it has them), its autoencoder and text encoder are
+        used frozen, and the file decides the networks' configs (the UNet keeps the configured
+        `gradient_checkpointing`), the schedule, the prediction
+        (`init_from_prediction` where its kind does not say: SD 2.x-base is eps) and, unless
+        `scale_factor` is set, the latent scale (0.18215). The checkpoints keep everything, as ever."""
         super().__init__()
         model, text_encoder, schedule, optimizer = map(to_plain, (model, text_encoder, schedule, optimizer))
-        self.autoencoder_source = autoencoder_ckpt or "the checkpoint's own weights"
-        if autoencoder_ckpt or autoencoder is None:
+        self.init_from = init_from
+        sd = None
+        if init_from:
+            if autoencoder_ckpt:
+                raise ConfigError("Give init_from=<SD file> (its own autoencoder) or autoencoder_ckpt=<stage-1 checkpoint>, not both.")
+            sd = read_sd_file(init_from, use_ema=init_from_ema, prediction=init_from_prediction)
+            sd.unet_config["gradient_checkpointing"] = bool(model.get("gradient_checkpointing", False))  # memory, not the network
+            model, text_encoder, schedule, autoencoder = sd.unet_config, sd.text_encoder_config, sd.schedule_config, sd.autoencoder_config
+            prediction, text_encoder_weights = sd.prediction, sd.text_encoder
+            scale_factor = scale_factor or sd.scale_factor
+            log.info("Starting from %s (Stable Diffusion %s, %s UNet weights): %s prediction, scale factor %.5f; its UNet, "
+                     "autoencoder, text encoder and schedule replace the configured ones.", init_from, sd.version[-1] + ".x",
+                     sd.weights, prediction, scale_factor)
+        self.autoencoder_source = init_from or autoencoder_ckpt or "the checkpoint's own weights"
+        if sd is not None:
+            autoencoder_module = module_from_state(autoencoder, sd.autoencoder, "autoencoder", init_from)
+        elif autoencoder_ckpt or autoencoder is None:
             autoencoder_module, autoencoder = self._autoencoder_from_checkpoint(autoencoder_ckpt)
         else:
             autoencoder = to_plain(autoencoder)
@@ -129,7 +155,7 @@ class LatentDiffusionModule(pl.LightningModule):
                 f"The UNet's context_dim ({model.get('context_dim')}) differs from the text encoder's width "
                 f"({width}): set model.context_dim={width} or pick a matching text_encoder."
             )
-        self.unet = hydra.utils.instantiate(model)
+        self.unet = hydra.utils.instantiate(model) if sd is None else module_from_state(model, sd.unet, "UNet", init_from)
         self.ema = EMA(self.unet, decay=ema_decay, warmup=ema_warmup)
         self.schedule = hydra.utils.instantiate(schedule)
         if prediction == "eps" and self.schedule.zero_terminal_snr:
@@ -392,6 +418,8 @@ class LatentDiffusionModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["ldm_stage"] = STAGE
+        if self.init_from:
+            checkpoint["init_from"] = str(self.init_from)
         checkpoint["nonfinite"] = self.nonfinite.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
