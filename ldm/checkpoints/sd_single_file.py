@@ -145,7 +145,7 @@ def read_sd_file(
     if path.suffix == SAFETENSORS:
         keys, header = safetensors_header(path)
         if not is_sd_state(keys):
-            raise CheckpointError(_not_sd_message(path, keys))
+            raise CheckpointError(_not_sd_message(path))
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:
@@ -153,7 +153,7 @@ def read_sd_file(
     ckpt = read_checkpoint(path)
     state = ckpt.get("state_dict", ckpt)
     if not is_sd_checkpoint(ckpt):
-        raise CheckpointError(_not_sd_message(path, state))
+        raise CheckpointError(_not_sd_message(path))
     step = ckpt.get("global_step")
     return sd_file_from_tensors(list(state), state.__getitem__, path, use_ema, prediction, image_size,
                                 global_step=int(step) if isinstance(step, int) else None)
@@ -246,7 +246,7 @@ def _check_file(path: Path) -> None:
         raise CheckpointError(f"Checkpoint {path} is empty (0 bytes): a write that never finished?")
 
 
-def _not_sd_message(path: Path, keys: Iterable[str]) -> str:
+def _not_sd_message(path: Path) -> str:
     return (f"{path} is not a Stable Diffusion single file (no `{UNET_PREFIX}*` weights) nor a checkpoint of "
             "`python train.py stage=ldm`.")
 
