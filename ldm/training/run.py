@@ -143,11 +143,16 @@ class TrainingStopped(LdmError):
 
 def check_writable(run_dir: Path) -> None:
     """The run directory and its checkpoints/ folder accept files, checked before anything is built (not at
-    the first save, minutes or hours in)."""
+    the first save, minutes or hours in). Nothing is left behind: a run that stops later in its preflight
+    (ranks that disagree, a bad config) must not leave folders that look like a started run."""
     checkpoints = run_dir / "checkpoints"
+    existing = checkpoints
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
     try:
-        checkpoints.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=checkpoints, prefix=".write-check-"):
+        if not existing.is_dir():
+            raise NotADirectoryError(f"{existing} is not a folder")
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".write-check-"):
             pass
     except OSError as err:
         raise ConfigError(f"run_dir={run_dir}: cannot write checkpoints into {checkpoints} ({err.strerror or err}).") from None
