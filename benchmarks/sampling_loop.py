@@ -6,6 +6,10 @@ difference is the loops' own overhead. A second pass replaces the UNet with a ne
 denoiser to show that overhead alone. The two loops' results are compared as a check that they
 compute the same thing.
 
+The runs alternate (ours, diffusers; then diffusers, ours) and medians are reported, of wall time and
+of process CPU time: with one thread the CPU time is what the loop itself costs, which other processes
+on a shared machine do not stretch.
+
     python benchmarks/sampling_loop.py                       # unet_tiny, 4x32x32 latents, 50 steps
     python benchmarks/sampling_loop.py --latent 64 --threads 2
 """
@@ -13,6 +17,7 @@ compute the same thing.
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from pathlib import Path
 from typing import Callable
@@ -65,13 +70,19 @@ class NearlyFree(nn.Module):
         return 0.1 * x
 
 
-def best_time(loop: Callable[[], Tensor], repeats: int) -> tuple[float, Tensor]:
-    times, out = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = loop()
-        times.append(time.perf_counter() - start)
-    return min(times), out
+def interleaved(loops: dict[str, Callable[[], Tensor]], repeats: int) -> dict[str, tuple[float, float, Tensor]]:
+    """(median wall s, median CPU s, last output) of each loop, run in alternating order."""
+    names = list(loops)
+    wall: dict[str, list[float]] = {name: [] for name in names}
+    cpu: dict[str, list[float]] = {name: [] for name in names}
+    out: dict[str, Tensor] = {}
+    for rep in range(repeats):
+        for name in names if rep % 2 == 0 else names[::-1]:
+            start_wall, start_cpu = time.perf_counter(), time.process_time()
+            out[name] = loops[name]()
+            wall[name].append(time.perf_counter() - start_wall)
+            cpu[name].append(time.process_time() - start_cpu)
+    return {name: (statistics.median(wall[name]), statistics.median(cpu[name]), out[name]) for name in names}
 
 
 def main() -> None:
@@ -81,7 +92,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1, help="images per run (the UNet sees twice as many)")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--guidance", type=float, default=7.5)
-    parser.add_argument("--repeats", type=int, default=3, help="best of this many runs")
+    parser.add_argument("--repeats", type=int, default=7, help="runs of each loop, alternating; medians reported")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
 
@@ -94,16 +105,21 @@ def main() -> None:
     uncond = torch.randn(args.batch, 77, cfg.context_dim)
     n_params = sum(p.numel() for p in unet.parameters()) / 1e6
     print(f"{args.unet} ({n_params:.1f}M parameters), latents {args.batch}x{cfg.in_channels}x{args.latent}x{args.latent}, "
-          f"DDIM {args.steps} steps, CFG {args.guidance} (UNet batch {2 * args.batch}), {args.threads} thread(s), best of {args.repeats}")
+          f"DDIM {args.steps} steps, CFG {args.guidance} (UNet batch {2 * args.batch}), {args.threads} thread(s), "
+          f"medians of {args.repeats} alternating runs")
 
     with torch.inference_mode():
         for label, model in ((args.unet, unet), ("nearly free denoiser", NearlyFree())):
-            ours_s, ours_x = best_time(lambda: ours(model, x_T, context, uncond, args.guidance, args.steps), args.repeats)
-            theirs_s, theirs_x = best_time(lambda: diffusers_loop(model, x_T, context, uncond, args.guidance, args.steps), args.repeats)
+            times = interleaved({
+                "ours": lambda: ours(model, x_T, context, uncond, args.guidance, args.steps),
+                "diffusers": lambda: diffusers_loop(model, x_T, context, uncond, args.guidance, args.steps),
+            }, args.repeats)
+            (ours_wall, ours_cpu, ours_x), (theirs_wall, theirs_cpu, theirs_x) = times["ours"], times["diffusers"]
             diff = (ours_x - theirs_x).abs().max().item()
-            print(f"{label:>22}: ours {ours_s:8.3f} s ({1e3 * ours_s / args.steps:7.2f} ms/step)   "
-                  f"diffusers {theirs_s:8.3f} s ({1e3 * theirs_s / args.steps:7.2f} ms/step)   "
-                  f"ours/diffusers {ours_s / theirs_s:5.3f}   max |difference| {diff:.2e}")
+            print(f"{label:>22}: CPU ours {ours_cpu:7.3f} s ({1e3 * ours_cpu / args.steps:7.3f} ms/step), "
+                  f"diffusers {theirs_cpu:7.3f} s ({1e3 * theirs_cpu / args.steps:7.3f} ms/step), ratio {ours_cpu / theirs_cpu:5.3f}; "
+                  f"wall ours {ours_wall:7.3f} s, diffusers {theirs_wall:7.3f} s, ratio {ours_wall / theirs_wall:5.3f}; "
+                  f"max |difference| {diff:.2e}")
 
 
 if __name__ == "__main__":

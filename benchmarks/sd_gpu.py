@@ -13,12 +13,28 @@ bf16 or fp16. Ours (`ldm.inference.denoise_latents`: `DDIMSampler` over a guided
 diffusers' `StableDiffusionPipeline` built from the exported UNet and autoencoder, with the same
 prompt embeddings and starting noise. The text encoder is timed apart (our OpenCLIP ViT-L/14 tower).
 
-    python benchmarks/sd_gpu.py all --json results.json           # on a GPU
+Training also runs at the largest size with channels-last memory format (both models), searches the
+largest batch that fits (doubling from `--train-batch` up to `--max-batch`) and, with `--compile`, times
+ours compiled in channels-last at that batch. The attention path (SDPA and its enabled backends) is
+recorded with the figures.
+
+`shapes`: the tiny shapes recipe (`stage=ldm trainer=gpu`, `unet_tiny`) in steps per second, through the
+real trainer and configs on the shapes data, and beside it the framework against a plain PyTorch loop
+on the same pre-made batches (`benchmarks/framework_overhead.py` on the GPU).
+
+`fsdp`: `python train.py stage=ldm trainer=fsdp trainer.devices=1` actually run (wrapping, bf16 mixed
+precision, the full-state-dict checkpoint), then resumed by the same command to more steps; the
+checkpoint is checked to be a full state dict that `ldm.inference.load_model` reads without FSDP.
+Lightning runs FSDP on GPUs only, so on a CPU the same commands run with `trainer=cpu`.
+
+    python benchmarks/sd_gpu.py all --compile --deadline 420 --json benchmarks/results/sd_gpu_<gpu>_<date>.json   # ~8 min, H100
     python benchmarks/sd_gpu.py all --tiny --device cpu            # a smoke run of the script itself
 
-`--compile` adds `torch.compile` runs of ours (compile time reported apart): training at the largest
-size, sampling at the first dtype and batch. Each part stops before
-starting once `--deadline` seconds have passed, so a timed lease ends with the figures it has.
+`all` runs shapes, sample, fsdp, train in that order. `--compile` adds `torch.compile` runs of ours
+(compile time reported apart): training as above, sampling at the first dtype and batch with
+`mode="reduce-overhead"` (CUDA graphs; `ldm.inference.compiled`, the `compile=true` of sample.py).
+Each part (and each size, dtype and compile run) stops before starting once `--deadline` seconds
+have passed, so a timed lease ends with the figures it has.
 """
 
 from __future__ import annotations
@@ -26,6 +42,11 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -37,11 +58,13 @@ from torch import Tensor, nn
 
 from ldm.checkpoints.diffusers import autoencoder_to_diffusers, unet_to_diffusers
 from ldm.diffusion import DDIMSampler, NoiseSchedule
-from ldm.inference import denoise_latents
+from ldm.inference import denoise_latents, load_model
+from ldm.inference.compiled import CompiledUNet
 from ldm.modules.autoencoder import KLAutoencoder
 from ldm.modules.unet import UNetModel
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model"
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs" / "model"
 TRAIN_TFLOP_PER_IMAGE = {256: 0.54, 512: 2.41}
 SCALE_FACTOR = 0.18215
 BETA_START, BETA_END = 0.00085, 0.012
@@ -107,6 +130,14 @@ def report(results: dict[str, Any], key: str, value: dict[str, Any], json_path: 
 # ----------------------------------------------------------------------------------------- training
 
 
+def attention_backends() -> dict[str, Any]:
+    """Which fused attention kernels SDPA may pick (both UNets call F.scaled_dot_product_attention)."""
+    if not torch.cuda.is_available():
+        return {"sdpa": True}
+    return {"sdpa": True, "flash": torch.backends.cuda.flash_sdp_enabled(),
+            "mem_efficient": torch.backends.cuda.mem_efficient_sdp_enabled(), "cudnn": torch.backends.cuda.cudnn_sdp_enabled()}
+
+
 def training_step(model: nn.Module, diffusers_api: bool, optimizer: torch.optim.Optimizer, x: Tensor, t: Tensor, context: Tensor, target: Tensor) -> None:
     with torch.autocast(x.device.type, dtype=torch.bfloat16):
         out = model(x, t, encoder_hidden_states=context).sample if diffusers_api else model(x, t, context)
@@ -135,10 +166,12 @@ def with_mfu(figures: dict[str, Any], image_size: int, args: argparse.Namespace)
     return figures
 
 
-def training_throughput(model: nn.Module, diffusers_api: bool, batch: int, latent: int, context_dim: int, device: str, steps: int, warmup: int) -> dict[str, Any]:
+def training_throughput(model: nn.Module, diffusers_api: bool, batch: int, latent: int, context_dim: int, device: str, steps: int, warmup: int,
+                        channels_last: bool = False) -> dict[str, Any]:
     generator = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(batch, 4, latent, latent, device=device, generator=generator)
-    target = torch.randn(batch, 4, latent, latent, device=device, generator=generator)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(batch, 4, latent, latent, device=device, generator=generator).contiguous(memory_format=memory_format)
+    target = torch.randn(batch, 4, latent, latent, device=device, generator=generator).contiguous(memory_format=memory_format)
     context = torch.randn(batch, 77, context_dim, device=device, generator=generator)
     t = torch.randint(0, 1000, (batch,), device=device, generator=generator)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
@@ -151,7 +184,31 @@ def training_throughput(model: nn.Module, diffusers_api: bool, batch: int, laten
     warmup_s = time.perf_counter() - start
     seconds, _ = timed(lambda: [training_step(model, diffusers_api, optimizer, x, t, context, target) for _ in range(steps)], device, 1)
     del optimizer
-    return {"batch": batch, "img_per_s": batch * steps / seconds, "step_ms": 1e3 * seconds / steps, "warmup_s": warmup_s, "peak_GiB": peak_memory_gib(device)}
+    return {"batch": batch, "img_per_s": batch * steps / seconds, "step_ms": 1e3 * seconds / steps, "warmup_s": warmup_s,
+            "peak_GiB": peak_memory_gib(device), "channels_last": channels_last}
+
+
+def out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+def largest_batch(model: nn.Module, start: int, limit: int, latent: int, context_dim: int, args: argparse.Namespace) -> dict[str, Any] | None:
+    """Doubles the batch from 2 x `start` while a training step fits (channels-last, as the best layout);
+    the figures of the largest that fitted."""
+    best, batch = None, 2 * start
+    while batch <= limit and not late(args.deadline):
+        try:
+            best = training_throughput(model, False, batch, latent, context_dim, args.device, max(3, args.train_steps // 2), 1, channels_last=True)
+        except RuntimeError as error:
+            if not out_of_memory(error):
+                raise
+            print(f"batch {batch} does not fit", flush=True)
+            break
+        finally:
+            model.zero_grad(set_to_none=True)
+            reset_peak(args.device)
+        batch *= 2
+    return best
 
 
 def run_training(args: argparse.Namespace, results: dict[str, Any], json_path: Path | None) -> None:
@@ -160,6 +217,7 @@ def run_training(args: argparse.Namespace, results: dict[str, Any], json_path: P
     theirs = unet_to_diffusers(copy.deepcopy(unet), config)  # its own copy: both models take optimizer steps
     context_dim = config["context_dim"]
     print(f"sd15 UNet: {sum(p.numel() for p in unet.parameters()) / 1e6:.1f}M parameters; diffusers twin built by its converter", flush=True)
+    report(results, "train/attention", attention_backends(), json_path)
     for image_size, batch in zip(args.sizes, args.train_batch):
         latent = image_size // 8
         if late(args.deadline):
@@ -170,12 +228,26 @@ def run_training(args: argparse.Namespace, results: dict[str, Any], json_path: P
             figures = training_throughput(model, diffusers_api, batch, latent, context_dim, args.device, args.train_steps, args.warmup)
             figures["tflop_per_image_counted"] = measured_tflop_per_image(model, diffusers_api, latent, context_dim, args.device)
             report(results, f"train/{image_size}/{name}", with_mfu(figures, image_size, args), json_path)
-        if args.compile and image_size == max(args.sizes) and not late(args.deadline):
-            compiled = torch.compile(unet)
-            figures = training_throughput(compiled, False, batch, latent, context_dim, args.device, args.train_steps, args.warmup)
-            report(results, f"train/{image_size}/ours_compiled", with_mfu(figures, image_size, args), json_path)
         ratio = results[f"train/{image_size}/ours"]["img_per_s"] / results[f"train/{image_size}/diffusers"]["img_per_s"]
         print(f"train {image_size}²: ours/diffusers throughput {ratio:.3f}", flush=True)
+        if image_size != max(args.sizes):
+            continue
+        for name, model, diffusers_api in (("ours", unet, False), ("diffusers", theirs, True)):
+            if late(args.deadline):
+                break
+            model.to(memory_format=torch.channels_last)
+            figures = training_throughput(model, diffusers_api, batch, latent, context_dim, args.device, args.train_steps, args.warmup, channels_last=True)
+            report(results, f"train/{image_size}/{name}_channels_last", with_mfu(figures, image_size, args), json_path)
+        best = largest_batch(unet, batch, 2 * batch if args.tiny else args.max_batch, latent, context_dim, args)
+        if best is not None:
+            report(results, f"train/{image_size}/ours_largest_batch", with_mfu(best, image_size, args), json_path)
+        if args.compile and not late(args.deadline):
+            compiled = torch.compile(unet)
+            compile_batch = best["batch"] if best is not None else batch
+            start = time.perf_counter()
+            figures = training_throughput(compiled, False, compile_batch, latent, context_dim, args.device, args.train_steps, args.warmup, channels_last=True)
+            figures["compile_and_warmup_s"] = time.perf_counter() - start
+            report(results, f"train/{image_size}/ours_compiled_channels_last", with_mfu(figures, image_size, args), json_path)
     del unet, theirs
     reset_peak(args.device)
 
@@ -251,14 +323,16 @@ def run_sampling(args: argparse.Namespace, results: dict[str, Any], json_path: P
                 "max_abs_image_diff": (ours_images - theirs_images).abs().max().item(),
             }, json_path)
             if args.compile and batch == args.sample_batch[0] and dtype_name == args.dtypes[0] and not late(args.deadline):
-                compiled = torch.compile(unet)
+                compiled = CompiledUNet(unet, mode="reduce-overhead" if args.device.startswith("cuda") else None)
                 with torch.inference_mode():
                     start = time.perf_counter()
                     our_text_to_image(compiled, vae, sampler, x_T, context, uncond, guidance)
                     synchronize(args.device)
                     compile_s = time.perf_counter() - start
                     compiled_s, _ = timed(lambda: our_text_to_image(compiled, vae, sampler, x_T, context, uncond, guidance), args.device, args.repeats)
-                report(results, f"sample/{size}/{dtype_name}/batch{batch}/ours_compiled", {"ours_s": compiled_s, "first_call_s": compile_s}, json_path)
+                report(results, f"sample/{size}/{dtype_name}/batch{batch}/ours_compiled", {
+                    "ours_s": compiled_s, "first_call_s": compile_s, "mode": compiled.options.get("mode"),
+                    "diffusers_eager_s": theirs_s, "ours_over_diffusers_eager": compiled_s / theirs_s}, json_path)
         del pipe
     if not args.tiny and not late(args.deadline):
         time_text_encoder(args, results, json_path)
@@ -278,14 +352,89 @@ def time_text_encoder(args: argparse.Namespace, results: dict[str, Any], json_pa
     report(results, "text_encoder/vit_l14", {"batch": len(captions), "ms": 1e3 * seconds}, json_path)
 
 
+# ----------------------------------------------------------------------------------------- shapes recipe
+
+
+def run_shapes(args: argparse.Namespace, results: dict[str, Any], json_path: Path | None) -> None:
+    import framework_overhead as fo  # benchmarks/ is on sys.path when this script runs
+
+    root = Path(tempfile.mkdtemp(prefix="sd_gpu_shapes_"))
+    steps, repeats = (5, 1) if args.tiny else (args.shapes_steps, 3)
+    options = argparse.Namespace(device=args.device, repeats=repeats, override=[], profile=False, top=0)
+    case = fo.Case("stage 2, unet_tiny", ["stage=ldm"], 32, steps, 3 if args.tiny else 20)
+    fo.run_case(case, options, root)
+    framework = statistics.median(t.wall for t in case.fw_times)
+    plain = statistics.median(t.wall for t in case.plain_times)
+    report(results, "shapes/framework_vs_plain", {
+        "framework_steps_per_s": 1 / framework, "plain_steps_per_s": 1 / plain, "framework_over_plain_time": framework / plain,
+        "batch": case.batch_size, "steps": steps, "repeats": repeats}, json_path)
+    if late(args.deadline):
+        return
+    run_dir = root / "recipe"
+    run_dir.mkdir()
+    cfg = fo.compose_config(str(run_dir), [*fo.device_overrides(args.device), "stage=ldm", "data.train.length=4096", "data.val.length=64"])
+    module = fo.build_module(copy.deepcopy(cfg))
+    recipe = fo.Case("shapes recipe", [], int(cfg.data.batch_size), 2 * steps, case.warmup)
+    times, _ = fo.framework_run(cfg, module, None, recipe, run_dir)
+    report(results, "shapes/recipe", {"steps_per_s": recipe.steps / times.wall, "batch": recipe.batch_size, "steps": recipe.steps,
+                                      "precision": str(cfg.trainer.precision)}, json_path)
+
+
+# ----------------------------------------------------------------------------------------- FSDP
+
+
+def train_py(overrides: list[str], log: Path) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, str(REPO / "train.py"), *overrides], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "HYDRA_FULL_ERROR": "1"})
+    log.write_text(done.stdout + done.stderr)
+    if done.returncode != 0:
+        raise RuntimeError(f"train.py {' '.join(overrides)} failed ({done.returncode}); its output: {log}\n{(done.stdout + done.stderr)[-3000:]}")
+    return done
+
+
+def run_fsdp(args: argparse.Namespace, results: dict[str, Any], json_path: Path | None) -> None:
+    """Stage 1 (a few steps, for the autoencoder), then stage 2 under trainer=fsdp, then the same command to
+    twice the steps: a resume through the full-state-dict checkpoint."""
+    from ldm.checkpoints import read_checkpoint
+
+    gpu = args.device.startswith("cuda")
+    root = Path(tempfile.mkdtemp(prefix="sd_gpu_fsdp_"))
+    steps = 4 if args.tiny else 20
+    common = ["image_size=32", "data.train.length=512", "data.val.length=64", "logger=csv", "trainer.enable_progress_bar=false",
+              "trainer.enable_model_summary=false", "trainer.log_every_n_steps=1"]
+    start = time.perf_counter()
+    train_py(["stage=autoencoder", "trainer=gpu" if gpu else "trainer=cpu", "trainer.devices=1", f"trainer.max_steps={steps}",
+              f"trainer.val_check_interval={steps}", "loss/perceptual=none", f"run_dir={root / 'ae'}", *common], root / "ae.log")
+    stage2 = ["stage=ldm", "trainer=fsdp" if gpu else "trainer=cpu", "trainer.devices=1", f"trainer.val_check_interval={steps}",
+              "stage.module.sample_steps=4", "stage.module.scale_factor_batches=2", f"autoencoder_ckpt={root / 'ae' / 'checkpoints' / 'last.ckpt'}",
+              f"run_dir={root / 'ldm'}", *common]
+    first_start = time.perf_counter()
+    train_py([*stage2, f"trainer.max_steps={steps}"], root / "ldm_first.log")
+    second_start = time.perf_counter()
+    second = train_py([*stage2, f"trainer.max_steps={2 * steps}"], root / "ldm_resumed.log")
+    end = time.perf_counter()
+    path = root / "ldm" / "checkpoints" / "last.ckpt"
+    ckpt = read_checkpoint(path)
+    keys = list(ckpt["state_dict"])
+    model = load_model(str(path), "cpu")
+    report(results, "fsdp", {
+        "trainer": "fsdp" if gpu else "cpu (Lightning runs FSDP on GPUs only)", "steps": steps,
+        "resumed": "Resuming from" in second.stdout + second.stderr, "global_step": int(ckpt["global_step"]),
+        "full_state_dict": all("flat_param" not in k and "_fsdp_wrapped_module" not in k for k in keys) and any(k.startswith("unet.") for k in keys),
+        "loads_without_fsdp": sum(p.numel() for p in model.unet.parameters()) > 0,
+        "stage1_s": first_start - start, "first_s": second_start - first_start, "resumed_s": end - second_start}, json_path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["train", "sample", "all"])
+    parser.add_argument("what", choices=["train", "sample", "shapes", "fsdp", "all"])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="narrow models and small images: checks the script, not the GPU")
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512], help="training image sizes")
     parser.add_argument("--train-batch", type=int, nargs="+", default=[64, 16], help="a batch per training size")
     parser.add_argument("--train-steps", type=int, default=10)
+    parser.add_argument("--max-batch", type=int, default=256, help="the largest batch tried at the largest training size")
+    parser.add_argument("--shapes-steps", type=int, default=100, help="timed steps of the shapes recipe")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--image-size", type=int, default=512, help="sampling image size")
     parser.add_argument("--sample-batch", type=int, nargs="+", default=[1, 8])
@@ -305,10 +454,14 @@ def main() -> None:
     results: dict[str, Any] = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device,
                                "torch": torch.__version__}
     print(results, flush=True)
-    if args.what in ("train", "all"):
-        run_training(args, results, args.json)
-    if args.what in ("sample", "all"):
-        run_sampling(args, results, args.json)
+    parts = {"shapes": run_shapes, "sample": run_sampling, "fsdp": run_fsdp, "train": run_training}
+    for name, part in parts.items():
+        if args.what not in (name, "all"):
+            continue
+        if late(args.deadline):
+            print(f"deadline passed: {name} skipped", flush=True)
+            continue
+        part(args, results, args.json)
 
 
 if __name__ == "__main__":

@@ -79,6 +79,14 @@ class ClassifierFreeGuidance:
         self.scale = scale
         self.rescale = checked_rescale(rescale)
         self.interval = checked_interval(interval)
+        self._both: Tensor | None = None
+
+    def _contexts(self, batch: int) -> Tensor:
+        """[uncond, cond] for a batch of `batch`, concatenated once, not at every step."""
+        if self._both is None or self._both.shape[0] != 2 * batch:
+            self._both = torch.cat([self.uncond_context.expand(batch, *self.uncond_context.shape[1:]),
+                                    self.context.expand(batch, *self.context.shape[1:])])
+        return self._both
 
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
         if self.interval is None:
@@ -91,9 +99,7 @@ class ClassifierFreeGuidance:
         return torch.where(inside.view(-1, *[1] * (x.ndim - 1)), guided, cond)
 
     def _guided(self, x: Tensor, t: Tensor, with_cond: bool = False):
-        batch = x.shape[0]
-        context = torch.cat([self.uncond_context.expand(batch, *self.uncond_context.shape[1:]), self.context.expand(batch, *self.context.shape[1:])])
-        out = self.model(torch.cat([x, x]), torch.cat([t, t]), context)
+        out = self.model(torch.cat([x, x]), torch.cat([t, t]), self._contexts(x.shape[0]))
         uncond, cond = out.chunk(2)
         guided = uncond + self.scale * (cond - uncond)
         if self.rescale != 0.0:

@@ -20,6 +20,7 @@ from ldm.diffusion.guidance import checked_interval, checked_rescale, checked_sc
 from ldm.diffusion.samplers import Sampler
 from ldm.diffusion.schedule import NoiseSchedule
 from ldm.errors import CheckpointError, SamplingInputError
+from ldm.inference.compiled import compile_for_sampling
 from ldm.inference.images import image_size_of, load_image, save_png
 from ldm.inference.model import LatentDiffusionModel, load_model
 from ldm.inference.pipeline import check_image_size, generate_images
@@ -156,6 +157,8 @@ def sample(cfg: DictConfig) -> list[Path]:
     prompts = read_prompts(cfg.prompt, cfg.prompts_file)
     device = pick_device(cfg.device)
     model = load_checkpoint_for_sampling(cfg.ckpt, device, bool(cfg.use_ema), cfg.get("prediction"))
+    if cfg.get("compile"):
+        model = compile_for_sampling(model, **OmegaConf.to_container(cfg.get("compile_kwargs") or {}, resolve=True))
     height, width = image_size(cfg, model)
     try:
         check_image_size(height, width, model.codec.downsample_factor)

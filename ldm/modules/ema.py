@@ -36,6 +36,9 @@ class EMA(nn.Module):
         self.module.train(False)
         device = next(iter(self.module.parameters()), torch.empty(0)).device
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long, device=device))
+        # Buffers are re-walked at each update (`.to()` replaces buffer tensors, not Parameters), unless
+        # there are none, as in the UNets: the walk cost more than the update's arithmetic.
+        self._has_buffers = any(True for _ in self.module.buffers())
         self._paired: tuple[weakref.ref, list[Tensor], list[Tensor]] | None = None
 
     def train(self, mode: bool = True) -> "EMA":
@@ -70,8 +73,9 @@ class EMA(nn.Module):
         self._copy_buffers(src=model, dst=self.module)
         self.num_updates.add_(1)
 
-    @staticmethod
-    def _copy_buffers(src: nn.Module, dst: nn.Module) -> None:
+    def _copy_buffers(self, src: nn.Module, dst: nn.Module) -> None:
+        if not self._has_buffers:
+            return
         dst_buffers = list(dst.buffers())
         if dst_buffers:
             torch._foreach_copy_(dst_buffers, list(src.buffers()))

@@ -13,6 +13,7 @@ from ldm.checkpoints import require_stage
 from ldm.errors import ConfigError
 from ldm.training.callbacks import to_grid
 from ldm.training.config import to_plain
+from ldm.training.loggers import logs_this_step
 from ldm.training.lr_schedules import warmup_cosine
 from ldm.training.nonfinite import NonFiniteGuard, min_over_ranks
 
@@ -114,9 +115,10 @@ class AutoencoderModule(pl.LightningModule):
 
         self.lr_schedulers().step()
         self.generator_step += 1
-        logs["train/generator_step"] = float(self.generator_step)
         self.log("train/total", logs.pop("train/total"), prog_bar=True, on_step=True, on_epoch=False)
-        self.log_dict(logs, on_step=True, on_epoch=False)
+        if logs_this_step(self):
+            logs["train/generator_step"] = float(self.generator_step)
+            self.log_dict(logs, on_step=True, on_epoch=False)
 
     def _clip(self, optimizer: torch.optim.Optimizer) -> None:
         """Lightning refuses `trainer.gradient_clip_val` under manual optimization, so the module clips."""

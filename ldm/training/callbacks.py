@@ -226,10 +226,10 @@ class StopOnSignal(pl.Callback):
                 signal.signal(signum, self._on_signal)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int) -> None:
-        flag = torch.tensor(float(self.received), device=trainer.strategy.root_device)
-        if trainer.world_size > 1:
-            flag = trainer.strategy.reduce(flag, reduce_op="max")
-        signum = int(flag)
+        signum = self.received
+        if trainer.world_size > 1:  # one rank alone reads its flag without a tensor (a GPU sync every batch)
+            flag = torch.tensor(float(signum), device=trainer.strategy.root_device)
+            signum = int(trainer.strategy.reduce(flag, reduce_op="max"))
         if signum > 0 and not self.stopping:
             log.warning("%s: stopping after batch %d to write last.ckpt.", signal.Signals(signum).name,
                         trainer.fit_loop.total_batch_idx + 1)

@@ -31,6 +31,7 @@ from ldm.modules.ema import EMA
 from ldm.modules.latent_codec import LatentCodec
 from ldm.training.callbacks import to_grid
 from ldm.training.config import to_plain
+from ldm.training.loggers import logs_this_step
 from ldm.training.lr_schedules import warmup_cosine
 from ldm.training.nonfinite import NonFiniteGuard, min_over_ranks
 
@@ -364,7 +365,8 @@ class LatentDiffusionModule(pl.LightningModule):
         if not self.nonfinite.check(loss, self.global_step, sync=min_over_ranks(self)):
             return None
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=z0.shape[0])
-        self._log_buckets(per_sample, t, "train", skip_empty=True, on_step=True, on_epoch=False)
+        if logs_this_step(self):
+            self._log_buckets(per_sample, t, "train", skip_empty=True, on_step=True, on_epoch=False)
         return loss
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:

@@ -1,13 +1,22 @@
-"""Loggers that continue a run's existing logs when it resumes."""
+"""Loggers that continue a run's existing logs when it resumes, and when a step's metrics are written."""
 
 from __future__ import annotations
 
 import csv
 from pathlib import Path
 
+import lightning.pytorch as pl
 from lightning.fabric.loggers.csv_logs import _ExperimentWriter
 from lightning.pytorch.loggers import CSVLogger as LightningCSVLogger
 from lightning.pytorch.loggers.logger import rank_zero_experiment
+
+
+def logs_this_step(module: pl.LightningModule) -> bool:
+    """Whether the loggers write this training step's metrics (every `trainer.log_every_n_steps`, and the
+    last step). Metrics only the loggers read need not be built on the other steps: each `self.log`
+    costs Lightning a walk over its whole result collection."""
+    trainer = module._trainer
+    return trainer is None or trainer._logger_connector.should_update_logs
 
 
 class CSVLogger(LightningCSVLogger):

@@ -38,14 +38,15 @@ class NonFiniteGuard:
         self.total_skipped = 0
 
     def check(self, loss: Tensor, step: int, sync: Sync | None = None) -> bool:
-        local = torch.isfinite(loss.detach()).all().float()
-        everywhere = sync(local.clone()) if sync is not None else local
-        if bool(everywhere > 0):
+        """Reads one boolean back from the device: whether to skip must be known before the backward."""
+        local = torch.isfinite(loss.detach()).all()
+        everywhere = bool(sync(local.float()) > 0) if sync is not None else bool(local)
+        if everywhere:
             self.consecutive = 0
             return True
         self.consecutive += 1
         self.total_skipped += 1
-        where = f"loss {loss.detach().float().sum().item()}" if not bool(local > 0) else "loss finite here, not on another rank"
+        where = f"loss {loss.detach().float().sum().item()}" if not bool(local) else "loss finite here, not on another rank"
         log.warning("Non-finite loss at step %d (%s): step skipped (%d in a row, %d in total).",
                     step, where, self.consecutive, self.total_skipped)
         if self.consecutive >= self.max_consecutive:
