@@ -51,6 +51,23 @@ EXPECTED = {
         "callbacks.evaluation.every_n_steps": 1000, "callbacks.evaluation.metrics": ["fid", "kid", "precision", "recall"],
         "trainer.accelerator": "cpu",
     },
+    "shapes_class_ldm": {
+        "stage.name": "ldm", "conditioning._target_": "ldm.modules.conditioning.ClassConditioner", "conditioning.num_classes": 24,
+        "data.train.holdout": [], "data.val.holdout": [], "trainer.max_steps": 10000, "image_size": 32, "trainer.accelerator": "cpu",
+    },
+    "shapes_uncond_ldm": {
+        "stage.name": "ldm", "conditioning._target_": "ldm.modules.conditioning.Unconditional", "trainer.max_steps": 10000,
+        "image_size": 32, "trainer.accelerator": "cpu",
+    },
+    "shapes_inpaint_ldm": {
+        "stage.name": "ldm", "conditioning._target_": "ldm.modules.conditioning.InpaintingConditioner",
+        "conditioning.base._target_": "ldm.modules.conditioning.TextConditioner", "data.train.holdout": [], "trainer.max_steps": 10000,
+        "image_size": 32, "trainer.accelerator": "cpu",
+    },
+    "shapes_sr4_ldm": {
+        "stage.name": "ldm", "conditioning._target_": "ldm.modules.conditioning.SuperResolutionConditioner", "conditioning.factor": 4,
+        "trainer.max_steps": 6000, "stage.module.lr_decay_start": 4000, "image_size": 32, "trainer.accelerator": "cpu",
+    },
     "kl_f8_gpu": {
         "stage.name": "autoencoder", "model.ch": 128, "model.ch_mult": [1, 2, 4, 4], "image_size": 256,
         "trainer.accelerator": "gpu", "trainer.precision": "bf16-mixed", "loss.pixel_loss": "l1",
@@ -87,6 +104,8 @@ MEASURED_COMMANDS = {
 }
 # What a run of a recipe needs on the command line besides it.
 REQUIRED = {"shapes_ldm_22k": ["autoencoder_ckpt=/dummy/last.ckpt"],
+            **{name: ["autoencoder_ckpt=/dummy/last.ckpt"] for name in ("shapes_class_ldm", "shapes_uncond_ldm", "shapes_inpaint_ldm",
+                                                                        "shapes_sr4_ldm")},
             "emoji_ldm_10k": ["autoencoder_ckpt=/dummy/last.ckpt"],
             "kl_f8_gpu": ["data.train.root=/data/images"],
             "sd15_gpu": ["autoencoder_ckpt=/dummy/last.ckpt", "data.train.root=/data/images"],

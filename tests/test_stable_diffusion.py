@@ -200,7 +200,7 @@ def test_init_from_fine_tunes_the_sd_unet_with_its_frozen_encoders(sd1: Referenc
     assert (hparams["prediction"], float(state["scale_factor"]), hparams["schedule"]["kind"]) == ("eps", 0.18215, "scaled_linear")
     assert ckpt["init_from"] == str(sd1.path) and ckpt["global_step"] == 3
     sd = read_sd_file(sd1.path, use_ema=False)
-    for prefix, expected in [("autoencoder.", sd.autoencoder), ("text_encoder.text_tower.", sd.text_encoder)]:
+    for prefix, expected in [("autoencoder.", sd.autoencoder), ("conditioner.text_encoder.text_tower.", sd.text_encoder)]:
         assert all(torch.equal(state[prefix + k], v) for k, v in expected.items()), f"{prefix} changed: it must stay frozen"
     changed = [k for k, v in sd.unet.items() if not torch.equal(state["unet." + k], v)]
     assert changed, "the UNet did not train"
@@ -239,10 +239,10 @@ def test_the_sd15_fine_tuning_recipe_runs_on_a_tiny_sd_file(sd1: References, tmp
 def test_init_from_takes_the_prediction_override_and_refuses_a_second_autoencoder(sd2: References) -> None:
     from ldm.training.ldm_module import LatentDiffusionModule
 
-    common = {"model": {"context_dim": 64}, "text_encoder": {}, "schedule": {}, "optimizer": {"_target_": "torch.optim.AdamW", "_partial_": True}}
+    common = {"model": {"context_dim": 64}, "conditioning": {}, "schedule": {}, "optimizer": {"_target_": "torch.optim.AdamW", "_partial_": True}}
     module = LatentDiffusionModule(**common, init_from=str(sd2.path), init_from_prediction="eps", prediction="v")
     assert module.hparams.prediction == "eps" and module.hparams.model["use_linear_in_transformer"]
-    assert float(module.scale_factor) == 0.18215 and module.text_encoder.layer == "penultimate"
+    assert float(module.scale_factor) == 0.18215 and module.conditioner.text_encoder.layer == "penultimate"
     with pytest.raises(ConfigError, match="not both"):
         LatentDiffusionModule(**common, init_from=str(sd2.path), autoencoder_ckpt="stage1.ckpt")
 
@@ -339,7 +339,7 @@ def test_a_malicious_sd_ckpt_is_refused_everywhere_without_running(sd2: Referenc
     loaders = [
         lambda: load_model(evil),
         lambda: read_sd_file(evil),
-        lambda: LatentDiffusionModule(model={}, text_encoder={}, schedule={}, optimizer={}, init_from=str(evil)),
+        lambda: LatentDiffusionModule(model={}, conditioning={}, schedule={}, optimizer={}, init_from=str(evil)),
     ]
     for load in loaders:
         with pytest.raises(UnsafeCheckpointError, match="never runs code from a file"):

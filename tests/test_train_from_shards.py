@@ -104,7 +104,7 @@ def module(module_config):
 @pytest.mark.parametrize("caption_dropout", [0.0, 0.5, 1.0])
 def test_training_from_the_cache_gives_the_loss_of_encoding_on_the_fly(cache, module, shapes_shards: Path, caption_dropout: float,
                                                                         monkeypatch) -> None:
-    monkeypatch.setitem(module.hparams, "caption_dropout", caption_dropout)
+    monkeypatch.setattr(module.conditioner, "drop_rate", caption_dropout)
     images = _first_batch(str(shapes_shards), ImageTextDecoder(32, random_crop=False))
     cached = _first_batch(str(cache.dir), LatentDecoder())
     for seed in range(3):
@@ -122,7 +122,7 @@ def test_stage2_trains_from_the_cache_without_running_the_encoders_per_step(cach
     monkeypatch.setattr(KLAutoencoder, "encode", lambda *a, **k: pytest.fail("the autoencoder ran on a cached batch"))
     monkeypatch.setattr(OpenCLIPTextEncoder, "forward", lambda self, captions: encoded.append(list(captions)) or text_forward(self, captions))
     train(compose_config(str(tmp_path), [*QUICK_LDM, "data=latents", f"data.urls={cache.dir}", f"autoencoder_ckpt={tiny_autoencoder_ckpt}",
-                                         "trainer.max_steps=3", "trainer.val_check_interval=100", "stage.module.caption_dropout=0.5"]))
+                                         "trainer.max_steps=3", "trainer.val_check_interval=100", "conditioning.drop_rate=0.5"]))
     assert encoded == [[""]]  # once: the unconditional embedding that replaces dropped captions
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 3 and float(ckpt["state_dict"]["scale_factor"]) > 0

@@ -143,7 +143,7 @@ def test_from_checkpoint_refuses_a_stage1_checkpoint(tiny_autoencoder_ckpt: str)
 
 def test_autoencoder_and_text_encoder_are_frozen_in_eval_mode_and_out_of_the_optimizer(module: LatentDiffusionModule) -> None:
     module.train()
-    for frozen in (module.autoencoder, module.text_encoder):
+    for frozen in (module.autoencoder, module.conditioner.text_encoder):
         assert not frozen.training and not any(m.training for m in frozen.modules())
         assert not any(p.requires_grad for p in frozen.parameters())
     assert module.unet.training
@@ -206,19 +206,20 @@ def test_validation_before_the_scale_factor_is_measured_is_skipped(module: Laten
 
 
 def test_caption_dropout_rate(module: LatentDiffusionModule, monkeypatch) -> None:
-    assert module.hparams.caption_dropout == 0.1
+    text = module.conditioner
+    assert text.drop_rate == 0.1
     captions = [f"caption {i}" for i in range(10_000)]
-    dropped = module.drop_captions(captions, generator=torch.Generator().manual_seed(3))
+    dropped = text.drop_captions(captions, generator=torch.Generator().manual_seed(3))
     assert all(d in ("", c) for d, c in zip(dropped, captions))
     assert dropped.count("") / len(captions) == pytest.approx(0.1, abs=0.01)
-    monkeypatch.setitem(module.hparams, "caption_dropout", 0.0)
-    assert module.drop_captions(captions[:100]) == captions[:100]
-    monkeypatch.setitem(module.hparams, "caption_dropout", 1.0)
-    assert module.drop_captions(captions[:100]) == [""] * 100
+    monkeypatch.setattr(text, "drop_rate", 0.0)
+    assert text.drop_captions(captions[:100]) == captions[:100]
+    monkeypatch.setattr(text, "drop_rate", 1.0)
+    assert text.drop_captions(captions[:100]) == [""] * 100
 
 
 def test_a_dropped_caption_conditions_the_unet_as_sampling_does_unconditionally(module: LatentDiffusionModule, monkeypatch) -> None:
-    monkeypatch.setitem(module.hparams, "caption_dropout", 1.0)
+    monkeypatch.setattr(module.conditioner, "drop_rate", 1.0)
     training_unet, sampling_unet = ContextRecorder(), ContextRecorder()
     monkeypatch.setattr(module, "unet", training_unet)
     monkeypatch.setattr(module.ema, "module", sampling_unet)
@@ -229,7 +230,7 @@ def test_a_dropped_caption_conditions_the_unet_as_sampling_does_unconditionally(
 
     generate_images(module.generation_model(), DDIMSampler(module.schedule, 1), [PROMPT], [0], height=32, width=32, guidance_scale=5.0)
     (guided_batch,) = sampling_unet.contexts
-    cond = module.encode_text([PROMPT])[0]
+    cond = module.conditioner.encode_text([PROMPT], module.device)[0]
     uncond_rows = [row for row in guided_batch if not torch.equal(row, cond)]
     assert len(uncond_rows) == 1 and len(guided_batch) == 2
     # Bitwise equality is not promised across batch sizes (matmul kernels); distinct prompts differ by O(1).
@@ -294,7 +295,7 @@ def accumulated_bf16_run(tiny_autoencoder_ckpt, tmp_path_factory) -> SimpleNames
     ldm = hydra.utils.instantiate(cfg.stage.module)
     dtypes: dict[str, set[torch.dtype]] = {"autoencoder": set(), "text_encoder": set(), "unet": set()}
     layers = {"autoencoder": _first(ldm.autoencoder, nn.Conv2d), "unet": _first(ldm.unet, nn.Conv2d),
-              "text_encoder": ldm.text_encoder.text_tower.transformer.resblocks[0].mlp}
+              "text_encoder": ldm.conditioner.text_encoder.text_tower.transformer.resblocks[0].mlp}
     for name, layer in layers.items():
         layer.register_forward_hook(lambda m, i, out, name=name: dtypes[name].add(out.dtype))
     measured_batches: list[int] = []
@@ -366,7 +367,7 @@ def test_loss_falls_on_a_fixed_batch(tmp_path: Path, tiny_autoencoder_ckpt: str,
     ldm.scale_factor.fill_(ldm.measure_scale_factor([batch]))
     g = torch.Generator().manual_seed(6)
     z0 = ldm.latents_of({"image": batch["image"]})
-    context = ldm.encode_text(batch["caption"])
+    context = ldm.conditioner.encode_text(batch["caption"], ldm.device)
     t = torch.randint(0, ldm.schedule.num_timesteps, (z0.shape[0],), generator=g)
     noise = torch.randn(z0.shape, generator=g)
 
@@ -423,15 +424,15 @@ def test_a_fresh_process_conditions_exactly_as_training_did(tmp_path: Path, tiny
         import torch
         from ldm.training.ldm_module import LatentDiffusionModule
         module = LatentDiffusionModule.from_checkpoint({tiny_ldm_ckpt!r})
-        torch.save(module.encode_text([{PROMPT!r}]), {str(out)!r})
+        torch.save(module.conditioner.encode_text([{PROMPT!r}], module.device), {str(out)!r})
     """)
     done = subprocess.run([sys.executable, "-c", script], cwd=repo_root, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "RANDOMLY INITIALISED" not in done.stderr
 
     ckpt = _checkpoint(tiny_ldm_ckpt)
-    as_trained = hydra.utils.instantiate(ckpt["hyper_parameters"]["text_encoder"])
-    saved = {k.removeprefix("text_encoder."): v for k, v in ckpt["state_dict"].items() if k.startswith("text_encoder.")}
+    as_trained = hydra.utils.instantiate(ckpt["hyper_parameters"]["conditioning"]["encoder"])
+    saved = {k.removeprefix("conditioner.text_encoder."): v for k, v in ckpt["state_dict"].items() if k.startswith("conditioner.text_encoder.")}
     for name, tensor in as_trained.state_dict().items():
         assert torch.equal(saved[name], tensor), name
     torch.testing.assert_close(torch.load(out), as_trained([PROMPT]), rtol=1e-5, atol=1e-5)

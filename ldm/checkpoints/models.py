@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import hydra
@@ -24,3 +25,23 @@ def autoencoder_from_checkpoint(ckpt: dict[str, Any], path: str | os.PathLike | 
 def load_autoencoder(path: str | os.PathLike, hint: str | None = None) -> nn.Module:
     """Rebuilds the KLAutoencoder of a stage-1 checkpoint file."""
     return autoencoder_from_checkpoint(read_checkpoint(path), path, hint)[0]
+
+
+TEXT_CONDITIONER = "ldm.modules.conditioning.TextConditioner"
+LEGACY_TEXT_PREFIX, TEXT_PREFIX = "text_encoder.", "conditioner.text_encoder."
+
+
+def upgrade_stage2_state(state: Mapping[str, Any]) -> dict[str, Any]:
+    """A stage-2 state dict in today's layout: checkpoints written before conditioners existed kept the
+    text encoder at `text_encoder.*`, now `conditioner.text_encoder.*` (same tensors)."""
+    return {(TEXT_PREFIX + k[len(LEGACY_TEXT_PREFIX):] if k.startswith(LEGACY_TEXT_PREFIX) else k): v for k, v in state.items()}
+
+
+def upgrade_stage2_hparams(hparams: Mapping[str, Any]) -> dict[str, Any]:
+    """Stage-2 hyperparameters with a `conditioning` config: a checkpoint written before conditioners
+    existed is text-conditioned by its `text_encoder` with `caption_dropout`."""
+    hparams = dict(hparams)
+    if "conditioning" not in hparams:
+        hparams["conditioning"] = {"_target_": TEXT_CONDITIONER, "encoder": hparams.pop("text_encoder"),
+                                   "drop_rate": hparams.pop("caption_dropout", 0.1)}
+    return hparams

@@ -43,6 +43,8 @@ POSITIONS: tuple[str, ...] = (
     "bottom left", "bottom center", "bottom right",
 )  # fmt: skip
 SPLITS: tuple[str, ...] = ("train", "val", "holdout")
+CLASSES: tuple[tuple[str, str], ...] = tuple((colour, shape) for colour in SHAPE_COLOURS for shape in SHAPES)
+"""The (colour, shape) pairs; ``sample["label"]`` is an index into it (24 classes, held-out pairs included)."""
 DEFAULT_HOLDOUT: tuple[tuple[str, str], ...] = (("red", "triangle"), ("blue", "circle"), ("yellow", "square"))
 
 HALF_EXTENT: dict[str, float] = {"small": 0.11, "large": 0.16}
@@ -107,7 +109,8 @@ def render(attributes: Mapping[str, str], size: int, jitter: tuple[float, float]
 
 
 class ShapesDataset(Dataset):
-    """Captioned shapes; sample ``i`` is ``{"image": 3 x size x size float in [-1, 1], "caption": str}``.
+    """Captioned shapes; sample ``i`` is ``{"image": 3 x size x size float in [-1, 1], "caption": str, "label": int}``,
+    the label being the index of its (colour, shape) in ``CLASSES``.
 
     The splits draw their attributes from independent random streams (split name is part of the
     seed), and "train"/"val" never contain a held-out (colour, shape) pair. With ``cache=True`` every
@@ -148,6 +151,7 @@ class ShapesDataset(Dataset):
         self.holdout = tuple(sorted(held_out))
         self._cache: torch.Tensor | None = None
         self._captions: list[str] | None = None
+        self._labels: list[int] | None = None
         if cache:
             self._render_all()
 
@@ -190,14 +194,23 @@ class ShapesDataset(Dataset):
         attributes, jitter = self._draw(index)
         return render(attributes, self.size, jitter)
 
+    def label(self, index: int) -> int:
+        """The index of sample ``index``'s (colour, shape) in ``CLASSES``."""
+        if self._labels is not None:
+            self._check(index)
+            return self._labels[index]
+        attributes = self.attributes(index)
+        return CLASSES.index((attributes["colour"], attributes["shape"]))
+
     def _render_all(self) -> None:
         images = np.empty((self.length, self.size, self.size, 3), dtype=np.uint8)
-        captions = []
+        captions, labels = [], []
         for index in range(self.length):
             attributes, jitter = self._draw(index)
             images[index] = render(attributes, self.size, jitter)
             captions.append(caption_from_attributes(attributes))
-        self._cache, self._captions = torch.from_numpy(images), captions
+            labels.append(CLASSES.index((attributes["colour"], attributes["shape"])))
+        self._cache, self._captions, self._labels = torch.from_numpy(images), captions, labels
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
-        return {"image": uint8_to_model_range(self.image_uint8(index)), "caption": self.caption(index)}
+        return {"image": uint8_to_model_range(self.image_uint8(index)), "caption": self.caption(index), "label": self.label(index)}

@@ -3,13 +3,33 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Callable
 
 import torch
 from torch import Tensor
 
-ConditionalModel = Callable[[Tensor, Tensor, Tensor], Tensor]
+Context = Tensor | Mapping[str, Tensor]
+"""A cross-attention context, or a conditioning dict of batch-first tensors (`ldm.modules.conditioning`)."""
+ConditionalModel = Callable[[Tensor, Tensor, Context], Tensor]
+
+
+def _expand(context: Context, batch: int) -> Context:
+    if isinstance(context, Tensor):
+        return context.expand(batch, *context.shape[1:])
+    return {key: _expand(value, batch) for key, value in context.items()}
+
+
+def _cat(first: Context, second: Context) -> Context:
+    if isinstance(first, Tensor):
+        return torch.cat([first, second])
+    return {key: _cat(first[key], second[key]) for key in first}
+
+
+def _shapes(context: Context) -> object:
+    if isinstance(context, Tensor):
+        return tuple(context.shape[1:])
+    return {key: _shapes(value) for key, value in context.items()}
 
 
 def checked_scale(scale: float) -> float:
@@ -65,27 +85,28 @@ class ClassifierFreeGuidance:
     def __init__(
         self,
         model: ConditionalModel,
-        context: Tensor,
-        uncond_context: Tensor,
+        context: Context,
+        uncond_context: Context,
         scale: float,
         rescale: float = 0.0,
         interval: Sequence[float] | None = None,
     ) -> None:
-        if context.shape[1:] != uncond_context.shape[1:]:
-            raise ValueError(f"context {tuple(context.shape)} and uncond_context {tuple(uncond_context.shape)} differ past the batch dimension")
+        if _shapes(context) != _shapes(uncond_context):
+            raise ValueError(f"context {_shapes(context)} and uncond_context {_shapes(uncond_context)} differ past the batch dimension")
         self.model = model
         self.context = context
         self.uncond_context = uncond_context
         self.scale = scale
         self.rescale = checked_rescale(rescale)
         self.interval = checked_interval(interval)
-        self._both: Tensor | None = None
+        self._both: Context | None = None
+        self._both_batch = 0
 
-    def _contexts(self, batch: int) -> Tensor:
+    def _contexts(self, batch: int) -> Context:
         """[uncond, cond] for a batch of `batch`, concatenated once, not at every step."""
-        if self._both is None or self._both.shape[0] != 2 * batch:
-            self._both = torch.cat([self.uncond_context.expand(batch, *self.uncond_context.shape[1:]),
-                                    self.context.expand(batch, *self.context.shape[1:])])
+        if self._both is None or self._both_batch != batch:
+            self._both = _cat(_expand(self.uncond_context, batch), _expand(self.context, batch))
+            self._both_batch = batch
         return self._both
 
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
@@ -94,7 +115,7 @@ class ClassifierFreeGuidance:
         lo, hi = self.interval
         inside = (t >= lo) & (t <= hi)
         if not bool(inside.any()):
-            return self.model(x, t, self.context.expand(x.shape[0], *self.context.shape[1:]))
+            return self.model(x, t, _expand(self.context, x.shape[0]))
         guided, cond = self._guided(x, t, with_cond=True)
         return torch.where(inside.view(-1, *[1] * (x.ndim - 1)), guided, cond)
 

@@ -29,11 +29,12 @@ class CompiledUNet(nn.Module):
         self.graphs = options.get("mode") in CUDA_GRAPH_MODES
         self.compiled = torch.compile(unet.forward, **options)
 
-    def forward(self, x: Tensor, t: Tensor, context: Tensor) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, context: Tensor | None = None, **kwargs: Tensor) -> Tensor:
+        """`kwargs`: the UNet's other inputs (`y`, a class-conditional UNet's class ids)."""
         if not self.graphs:
-            return self.compiled(x, t, context)
+            return self.compiled(x, t, context, **kwargs)
         torch.compiler.cudagraph_mark_step_begin()
-        return self.compiled(x, t, context).clone()
+        return self.compiled(x, t, context, **kwargs).clone()
 
 
 def compile_for_sampling(model: LatentDiffusionModel, **options: Any) -> LatentDiffusionModel:

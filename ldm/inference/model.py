@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ldm.checkpoints import read_checkpoint, require_stage, sub_state_dict
+from ldm.checkpoints.models import upgrade_stage2_hparams, upgrade_stage2_state
 from ldm.checkpoints.io import SAFETENSORS
 from ldm.checkpoints.sd_single_file import (
     StableDiffusionFile,
@@ -25,24 +26,15 @@ from ldm.checkpoints.sd_single_file import (
 from ldm.diffusion.denoiser import Denoiser, check_prediction
 from ldm.diffusion.schedule import NoiseSchedule
 from ldm.errors import CheckpointError
+from ldm.modules.conditioning import Conditioner, TextConditioner, build_conditioner, build_text_encoder
 from ldm.modules.latent_codec import LatentCodec
 
-
-def build_text_encoder(cfg: Mapping[str, Any], weights: Mapping[str, Tensor] | None = None) -> nn.Module:
-    """The configured text encoder; with `weights`, built directly on them.
-
-    The config is kept as trained (its `pretrained` tag, for one, decides QuickGELU vs GELU for
-    OpenAI CLIP towers), and nothing is downloaded or randomly initialised first.
-    """
-    if weights is None:
-        return hydra.utils.instantiate(dict(cfg))
-    kwargs = {k: v for k, v in cfg.items() if not k.startswith("_")}
-    return hydra.utils.get_class(cfg["_target_"])(**kwargs, state_dict=weights)
+__all__ = ["LatentDiffusionModel", "build_text_encoder", "load_model"]
 
 
 class LatentDiffusionModel(nn.Module):
-    """What generating an image needs: a UNet, the autoencoder and its latent scale, the text encoder,
-    the noise schedule and what the UNet predicts (eps, v or x0).
+    """What generating an image needs: a UNet, the autoencoder and its latent scale, the conditioner (text,
+    class, none, inpainting, super-resolution), the noise schedule and what the UNet predicts (eps, v or x0).
 
     The modules are held, not copied: the training module builds one of these over its own EMA UNet
     for its validation grids.
@@ -52,7 +44,7 @@ class LatentDiffusionModel(nn.Module):
         self,
         unet: nn.Module,
         autoencoder: nn.Module,
-        text_encoder: nn.Module,
+        conditioner: Conditioner,
         schedule: NoiseSchedule,
         prediction: str,
         scale_factor: Tensor | float,
@@ -62,7 +54,7 @@ class LatentDiffusionModel(nn.Module):
         super().__init__()
         self.unet = unet
         self.autoencoder = autoencoder
-        self.text_encoder = text_encoder
+        self.conditioner = conditioner
         self.schedule = schedule
         self.prediction = check_prediction(prediction)
         if not isinstance(scale_factor, Tensor):
@@ -85,10 +77,12 @@ class LatentDiffusionModel(nn.Module):
         self.schedule.to(self.scale_factor.device)
         return result
 
-    @torch.no_grad()
-    def encode_text(self, captions: list[str]) -> Tensor:
-        with torch.autocast(self.device.type, enabled=False):
-            return self.text_encoder(list(captions)).to(self.device).float()
+    @property
+    def text_encoder(self) -> nn.Module:
+        """The text encoder of a text-conditioned model (what SD and diffusers exports carry)."""
+        if not isinstance(self.conditioner, TextConditioner):
+            raise CheckpointError(f"this is a {self.conditioner.kind}-conditioned model: it has no text encoder")
+        return self.conditioner.text_encoder
 
     def denoiser(self, network: nn.Module | None = None) -> Denoiser:
         """A `Denoiser` over `network(x_t, t)` (the UNet with its conditioning bound, or guided)."""
@@ -115,21 +109,23 @@ def load_model(
                                   global_step=step if isinstance(step, int) else None)
         return _from_sd_file(sd, device)
     require_stage(ckpt, "ldm", path)
-    hparams, state = ckpt["hyper_parameters"], ckpt["state_dict"]
+    hparams, state = upgrade_stage2_hparams(ckpt["hyper_parameters"]), upgrade_stage2_state(ckpt["state_dict"])
     if prediction is not None and prediction != hparams.get("prediction", "eps"):
         raise CheckpointError(f"{path} records prediction={hparams.get('prediction', 'eps')!r}; prediction= overrides only "
                               "Stable Diffusion single files.")
     autoencoder = hydra.utils.instantiate(hparams["autoencoder"])
     autoencoder.load_state_dict(sub_state_dict(state, "autoencoder."), strict=True)
-    text_encoder = build_text_encoder(hparams["text_encoder"], sub_state_dict(state, "text_encoder."))
+    conditioner = build_conditioner(hparams["conditioning"], sub_state_dict(state, "conditioner."))
     unet = hydra.utils.instantiate(hparams["model"])
     unet.load_state_dict(sub_state_dict(state, "ema.module." if use_ema else "unet."), strict=True)
-    configs = {"unet": hparams["model"], "autoencoder": hparams["autoencoder"], "text_encoder": hparams["text_encoder"],
+    configs = {"unet": hparams["model"], "autoencoder": hparams["autoencoder"], "conditioning": hparams["conditioning"],
                "schedule": hparams["schedule"]}
+    if isinstance(conditioner, TextConditioner):
+        configs["text_encoder"] = hparams["conditioning"]["encoder"]
     model = LatentDiffusionModel(
         unet=unet,
         autoencoder=autoencoder,
-        text_encoder=text_encoder,
+        conditioner=conditioner,
         schedule=hydra.utils.instantiate(hparams["schedule"]),
         prediction=hparams.get("prediction", "eps"),
         scale_factor=state["scale_factor"].to(torch.float64),
@@ -145,7 +141,7 @@ def _from_sd_file(sd: StableDiffusionFile, device: str | torch.device) -> Latent
     model = LatentDiffusionModel(
         unet=unet,
         autoencoder=autoencoder,
-        text_encoder=text_encoder,
+        conditioner=TextConditioner(sd.text_encoder_config, module=text_encoder),
         schedule=hydra.utils.instantiate(sd.schedule_config),
         prediction=sd.prediction,
         scale_factor=sd.scale_factor,

@@ -1,4 +1,7 @@
-"""Text-to-image, img2img and inpainting in latent space: noise -> sampler over a (guided) denoiser -> decode."""
+"""Generation in latent space: noise -> sampler over a (guided) denoiser -> decode. What the UNet is
+conditioned on (a prompt, a class, nothing, an image to inpaint or to upsample) is the model's
+conditioner's business; img2img and latent-blending inpainting work for any model whose conditioner does
+not take the image itself."""
 
 from __future__ import annotations
 
@@ -9,9 +12,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ldm.diffusion.denoiser import Denoiser
-from ldm.diffusion.guidance import ClassifierFreeGuidance
+from ldm.diffusion.guidance import ClassifierFreeGuidance, Context
 from ldm.diffusion.samplers import Sampler
 from ldm.inference.model import LatentDiffusionModel
+from ldm.modules.conditioning import SamplingRequest, unet_forward
 
 STEP_NOISE_SEED_OFFSET = 2**32
 """Keeps each image's per-step noise stream apart from the stream its starting noise came from."""
@@ -19,24 +23,26 @@ STEP_NOISE_SEED_OFFSET = 2**32
 
 def guided_network(
     unet: nn.Module,
-    context: Tensor,
-    uncond: Tensor,
+    context: Context,
+    uncond: Context,
     guidance_scale: float,
     guidance_rescale: float = 0.0,
     guidance_interval: tuple[float, float] | None = None,
 ) -> Callable[[Tensor, Tensor], Tensor]:
-    """The network a denoiser wraps: the UNet with its conditioning bound, guided unless the scale is 1
-    (plain conditional sampling: one forward, no unconditional pass)."""
+    """The network a denoiser wraps: the UNet with its conditioning (a cross-attention context, or a
+    conditioner's dict) bound, guided unless the scale is 1 (plain conditional sampling: one forward,
+    no unconditional pass)."""
     if guidance_scale == 1.0:
-        return lambda x, t: unet(x, t, context)
-    return ClassifierFreeGuidance(unet, context, uncond, guidance_scale, guidance_rescale, guidance_interval)
+        return lambda x, t: unet_forward(unet, x, t, context)
+    model = unet if isinstance(context, Tensor) else (lambda x, t, c: unet_forward(unet, x, t, c))
+    return ClassifierFreeGuidance(model, context, uncond, guidance_scale, guidance_rescale, guidance_interval)
 
 
 def denoise_latents(
     unet: nn.Module,
     sampler: Sampler,
-    context: Tensor,
-    uncond: Tensor,
+    context: Context,
+    uncond: Context,
     guidance_scale: float,
     x_T: Tensor,
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
@@ -80,11 +86,12 @@ def latent_mask(mask: Tensor, factor: int) -> Tensor:
 def generate_images(
     model: LatentDiffusionModel,
     sampler: Sampler,
-    prompts: Sequence[str],
+    prompts: Sequence[str] | None,
     seeds: Sequence[int],
     *,
     height: int,
     width: int,
+    class_labels: Sequence[int] | None = None,
     guidance_scale: float = 5.0,
     guidance_rescale: float = 0.0,
     guidance_interval: tuple[float, float] | None = None,
@@ -95,34 +102,53 @@ def generate_images(
     progress: bool = False,
     decode: bool = True,
 ) -> Tensor:
-    """Images in [-1, 1], one per (prompt, seed); with `decode=False`, their scaled latents.
+    """Images in [-1, 1], one per seed (and prompt, or class label); with `decode=False`, their scaled latents.
 
-    Text-to-image by default. With `init_image` (1 or B x 3 x height x width in [-1, 1]): img2img at
+    The model's conditioner takes what it conditions on: `prompts` (text), `class_labels` (class), nothing
+    (unconditional), or `init_image` and `mask` themselves (an inpainting model; a super-resolution model
+    takes the low-resolution `init_image` and generates `height` x `width`). For any other model, text-to-image
+    by default; with `init_image` (1 or B x 3 x height x width in [-1, 1]): img2img at
     `strength` (0 gives back the autoencoder's reconstruction of the init image, 1 the text-to-image
     sample of the same seed). With `mask` too (1 x 1 x height x width in [0, 1], 1 = regenerate):
-    inpainting of the masked region, the rest kept.
+    inpainting of the masked region by latent blending, the rest kept.
 
     Image k's starting noise, and the fresh noise stochastic samplers (DDPM, DDIM with eta > 0, Euler
     ancestral) add at each step, come from `seeds[k]` alone, so an image does not depend on its batch.
     The UNet is `model.unet`: the EMA weights when the model was loaded with `use_ema=True`.
     """
-    if len(prompts) != len(seeds):
-        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    for name, values in (("prompts", prompts), ("class labels", class_labels)):
+        if values is not None and len(values) != len(seeds):
+            raise ValueError(f"{len(values)} {name} but {len(seeds)} seeds")
     if init_image is None and (mask is not None or strength < 1.0):
         raise ValueError("img2img (strength < 1) and inpainting (mask) need an init image")
-    codec = model.codec
+    conditioner, codec = model.conditioner, model.codec
     check_image_size(height, width, codec.downsample_factor)
     device = model.device
     x_T = seeded_noise(seeds, codec.latent_shape(height, width), device)
     x0 = latents_mask = None
-    if init_image is not None:
-        _check_spatial(init_image, height, width, "init image")
-        x0 = codec.encode(init_image, sample=False).expand_as(x_T)
-    if mask is not None:
-        _check_spatial(mask, height, width, "mask")
-        latents_mask = latent_mask(mask.to(device), codec.downsample_factor)
-    context = model.encode_text(list(prompts))
-    uncond = model.encode_text([negative_prompt] * len(prompts))
+    if conditioner.consumes_image:
+        if strength < 1.0:
+            raise ValueError(f"a {conditioner.kind} model takes the init image as its conditioning: strength must be 1")
+        if init_image is not None and conditioner.output_size(*init_image.shape[-2:]) != (height, width):
+            out_h, out_w = conditioner.output_size(*init_image.shape[-2:])
+            raise ValueError(f"The init image is {init_image.shape[-1]}x{init_image.shape[-2]} (W x H): this {conditioner.kind} model "
+                             f"makes {out_w}x{out_h} from it, not {width}x{height}.")
+        if mask is not None:
+            _check_spatial(mask, height, width, "mask")
+        request_image, request_mask = init_image, mask
+    else:
+        request_image = request_mask = None
+        if init_image is not None:
+            _check_spatial(init_image, height, width, "init image")
+            x0 = codec.encode(init_image, sample=False).expand_as(x_T)
+        if mask is not None:
+            _check_spatial(mask, height, width, "mask")
+            latents_mask = latent_mask(mask.to(device), codec.downsample_factor)
+    request = SamplingRequest(batch_size=len(seeds), prompts=prompts, negative_prompt=negative_prompt, class_labels=class_labels,
+                              image=request_image, mask=request_mask)
+    context, uncond = conditioner.sampling(request, codec)
+    if not conditioner.guidable:
+        guidance_scale = 1.0
     generator = [torch.Generator(device=device).manual_seed(STEP_NOISE_SEED_OFFSET + int(seed)) for seed in seeds]
     z = denoise_latents(
         model.unet, sampler, context, uncond, guidance_scale, x_T, generator, prediction=model.prediction,

@@ -1,5 +1,6 @@
-"""What `python sample.py` does: a stage-2 checkpoint, prompts (and optionally an init image and a
-mask) in; one PNG per image, carrying its settings in PNG text chunks, and a grid out."""
+"""What `python sample.py` does: a stage-2 checkpoint and what its conditioner takes (prompts, class
+labels, nothing; optionally an init image and a mask) in; one PNG per image, carrying its settings in PNG
+text chunks, and a grid out."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any, Callable
 import hydra
 from hydra.errors import InstantiationException
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
@@ -24,6 +25,7 @@ from ldm.inference.compiled import compile_for_sampling
 from ldm.inference.images import image_size_of, load_image, save_png
 from ldm.inference.model import LatentDiffusionModel, load_model
 from ldm.inference.pipeline import check_image_size, generate_images
+from ldm.modules.conditioning import Conditioner
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +37,15 @@ chosen sampler config (`steps=20` is `sampler.steps=20`)."""
 @dataclass
 class ImageJob:
     index: int
-    prompt: str
+    prompt: str | None
     seed: int
+    class_label: int | None = None
+
+    def metadata(self) -> dict[str, Any]:
+        condition = {"prompt": self.prompt} if self.prompt is not None else {}
+        if self.class_label is not None:
+            condition["class_label"] = self.class_label
+        return {**condition, "seed": self.seed}
 
 
 def read_prompts(prompt: str | None, prompts_file: str | None) -> list[str]:
@@ -51,6 +60,49 @@ def read_prompts(prompt: str | None, prompts_file: str | None) -> list[str]:
     if not prompts:
         raise SamplingInputError(f"prompts_file={prompts_file} has no prompts (one prompt a line).")
     return prompts
+
+
+def read_class_labels(value: Any) -> list[int]:
+    """`class_label=3` or `class_label=[0,5,7]`."""
+    values = list(value) if isinstance(value, (list, tuple, ListConfig)) else [value]
+    if not values or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise SamplingInputError(f"class_label={value}: give a class index, e.g. class_label=3, or a list, class_label=[0,3,7].")
+    return [int(v) for v in values]
+
+
+def usage(conditioner: Conditioner) -> str:
+    """What a model of this kind is sampled with, in sample.py's words."""
+    words = {"prompt": 'prompt="..."', "image": "init_image=PATH", "mask": "mask=PATH (white = regenerate)"}
+    num_classes = getattr(conditioner, "num_classes", None)
+    words["class_label"] = f"class_label=N (0..{num_classes - 1})" if num_classes else "class_label=N"
+    wanted = [words[name] for name in ("prompt", "class_label", "image", "mask") if name in conditioner.required]
+    return " ".join(wanted) if wanted else "no prompt (n_samples=N images)"
+
+
+def read_conditions(cfg: DictConfig, conditioner: Conditioner) -> list[str | int | None]:
+    """What each group of n_samples images is conditioned on: prompts, class labels, or nothing (one
+    group). Options the model cannot use, and missing ones it needs, stop here in one line."""
+    given = {"prompt": bool(cfg.prompt or cfg.prompts_file), "class_label": cfg.get("class_label") is not None,
+             "image": bool(cfg.init_image), "mask": bool(cfg.mask)}
+    option = {"prompt": "prompt" if cfg.prompt or not cfg.prompts_file else "prompts_file", "class_label": "class_label",
+              "image": "init_image", "mask": "mask"}
+    article = "an" if conditioner.description[0] in "aeiou" else "a"
+    model = f"ckpt={cfg.ckpt} is {article} {conditioner.description} model"
+    for name, is_given in given.items():
+        if is_given and name not in conditioner.inputs and (conditioner.consumes_image or name not in ("image", "mask")):
+            raise SamplingInputError(f"{model}: it takes no {option[name]}; sample it with {usage(conditioner)}.")
+    if cfg.negative_prompt and "prompt" not in conditioner.inputs:
+        raise SamplingInputError(f"{model}: it takes no negative_prompt; sample it with {usage(conditioner)}.")
+    if conditioner.consumes_image and cfg.strength != 1.0:
+        raise SamplingInputError(f"{model}: the init image is its conditioning, so strength={cfg.strength} does not apply.")
+    missing = [name for name in ("class_label", "image", "mask") if name in conditioner.required and not given[name]]
+    if missing:
+        raise SamplingInputError(f"{model}: sample it with {usage(conditioner)}.")
+    if "prompt" in conditioner.required:
+        return read_prompts(cfg.prompt, cfg.prompts_file)
+    if "class_label" in conditioner.required:
+        return read_class_labels(cfg.class_label)
+    return [None]
 
 
 def load_checkpoint_for_sampling(ckpt: str | None, device: torch.device, use_ema: bool, prediction: str | None = None) -> LatentDiffusionModel:
@@ -93,18 +145,22 @@ def sampler_from_config(sampler_cfg: DictConfig, schedule: NoiseSchedule, shortc
 
 
 def image_size(cfg: DictConfig, model: LatentDiffusionModel) -> tuple[int, int]:
-    """(H, W): as given; else the init image's size; else the autoencoder's training resolution."""
+    """(H, W): as given; else the init image's size (times a super-resolution model's factor); else the
+    autoencoder's training resolution."""
     height, width = cfg.H, cfg.W
     if (height is None or width is None) and cfg.init_image:
         init_width, init_height = image_size_of(cfg.init_image)
+        init_height, init_width = model.conditioner.output_size(init_height, init_width)
         height, width = height or init_height, width or init_width
     return int(height or model.image_size), int(width or model.image_size)
 
 
-def plan_jobs(prompts: list[str], n_samples: int, seed: int) -> list[ImageJob]:
-    """Every (prompt, sample) pair in order; image k gets seed + k."""
-    pairs = [prompt for prompt in prompts for _ in range(n_samples)]
-    return [ImageJob(index=k, prompt=prompt, seed=seed + k) for k, prompt in enumerate(pairs)]
+def plan_jobs(conditions: list[str | int | None], n_samples: int, seed: int) -> list[ImageJob]:
+    """Every (condition, sample) pair in order, a condition being a prompt, a class label or None;
+    image k gets seed + k."""
+    pairs = [condition for condition in conditions for _ in range(n_samples)]
+    return [ImageJob(index=k, prompt=c if isinstance(c, str) else None, seed=seed + k, class_label=c if isinstance(c, int) else None)
+            for k, c in enumerate(pairs)]
 
 
 def pick_device(name: str) -> torch.device:
@@ -154,21 +210,23 @@ def sample(cfg: DictConfig) -> list[Path]:
     guidance_scale = checked_setting(cfg, "guidance_scale", checked_scale)
     checked_setting(cfg, "guidance_rescale", checked_rescale)
     interval = checked_setting(cfg, "guidance_interval", checked_interval)
-    prompts = read_prompts(cfg.prompt, cfg.prompts_file)
     device = pick_device(cfg.device)
     model = load_checkpoint_for_sampling(cfg.ckpt, device, bool(cfg.use_ema), cfg.get("prediction"))
+    conditioner = model.conditioner
+    conditions = read_conditions(cfg, conditioner)
     if cfg.get("compile"):
         model = compile_for_sampling(model, **OmegaConf.to_container(cfg.get("compile_kwargs") or {}, resolve=True))
     height, width = image_size(cfg, model)
     try:
-        check_image_size(height, width, model.codec.downsample_factor)
+        check_image_size(height, width, model.codec.downsample_factor * conditioner.upscale)
     except ValueError as err:
         raise SamplingInputError(str(err)) from err
     sampler, sampler_options = sampler_from_config(cfg.sampler, model.schedule, {k: cfg.get(k) for k in SAMPLER_SHORTCUTS})
-    init_image = load_image(cfg.init_image, (width, height), "RGB") * 2 - 1 if cfg.init_image else None
+    init_size = (width // conditioner.upscale, height // conditioner.upscale)
+    init_image = load_image(cfg.init_image, init_size, "RGB") * 2 - 1 if cfg.init_image else None
     mask = load_image(cfg.mask, (width, height), "L") if cfg.mask else None
     seed = cfg.seed if cfg.seed is not None else random.randrange(2**31)
-    jobs = plan_jobs(prompts, cfg.n_samples, seed)
+    jobs = plan_jobs(conditions, cfg.n_samples, seed)
 
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -186,6 +244,7 @@ def sample(cfg: DictConfig) -> list[Path]:
         "use_ema": bool(cfg.use_ema),
         "prediction": model.prediction,
         "scale_factor": float(model.scale_factor),
+        **conditioner.describe(),
     }
     if cfg.init_image:
         settings.update(init_image=str(Path(cfg.init_image).resolve()), strength=float(cfg.strength))
@@ -200,10 +259,11 @@ def sample(cfg: DictConfig) -> list[Path]:
         decoded = generate_images(
             model,
             sampler,
-            [job.prompt for job in batch],
+            [job.prompt for job in batch] if "prompt" in conditioner.inputs else None,
             [job.seed for job in batch],
             height=height,
             width=width,
+            class_labels=[job.class_label for job in batch] if "class_label" in conditioner.inputs else None,
             guidance_scale=guidance_scale,
             guidance_rescale=float(cfg.guidance_rescale),
             guidance_interval=interval,
@@ -215,14 +275,18 @@ def sample(cfg: DictConfig) -> list[Path]:
         )
         for job, image in zip(batch, ((decoded.float().cpu() + 1) / 2).clamp(0, 1)):
             path = out_dir / f"{job.index:05d}-seed{job.seed}.png"
-            save_png(image, path, {"prompt": job.prompt, "seed": job.seed, **settings})
+            save_png(image, path, {**job.metadata(), **settings})
             paths.append(path)
             images.append(image)
         progress.update(len(batch))
     progress.close()
 
-    nrow = cfg.n_samples if len(prompts) > 1 else min(cfg.n_samples, 8)
+    nrow = cfg.n_samples if len(conditions) > 1 else min(cfg.n_samples, 8)
     grid = make_grid(torch.stack(images), nrow=nrow, padding=2, pad_value=1.0)
-    save_png(grid, out_dir / "grid.png", {"prompts": prompts, "seeds": [job.seed for job in jobs], **settings})
+    if "prompt" in conditioner.inputs:
+        grid_conditions = {"prompts": conditions}
+    else:
+        grid_conditions = {"class_labels": conditions} if "class_label" in conditioner.inputs else {}
+    save_png(grid, out_dir / "grid.png", {**grid_conditions, "seeds": [job.seed for job in jobs], **settings})
     log.info("Wrote %d image(s) and grid.png to %s", len(paths), out_dir)
     return paths

@@ -69,7 +69,7 @@ class BasicTransformerBlock(nn.Module):
     """Pre-norm block: self-attention, cross-attention to ``context``, feed-forward, each residual."""
 
     def __init__(
-        self, dim: int, n_heads: int, d_head: int, context_dim: int, dropout: float = 0.0
+        self, dim: int, n_heads: int, d_head: int, context_dim: int | None, dropout: float = 0.0
     ) -> None:
         super().__init__()
         self.attn1 = CrossAttention(dim, heads=n_heads, dim_head=d_head, dropout=dropout)
@@ -79,7 +79,7 @@ class BasicTransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
 
-    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor | None) -> Tensor:
         x = x + self.attn1(self.norm1(x))
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
@@ -98,7 +98,7 @@ class SpatialTransformer(nn.Module):
         in_channels: int,
         n_heads: int,
         d_head: int,
-        context_dim: int,
+        context_dim: int | None,
         depth: int = 1,
         dropout: float = 0.0,
         use_linear: bool = False,
@@ -120,7 +120,7 @@ class SpatialTransformer(nn.Module):
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
 
-    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor | None) -> Tensor:
         batch, _, height, width = x.shape
         h = self.norm(x)
         if not self.use_linear:

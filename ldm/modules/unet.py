@@ -1,4 +1,5 @@
-"""The Stable Diffusion UNet (CompVis ``openaimodel.UNetModel``), text-conditioned through cross-attention.
+"""The Stable Diffusion UNet (CompVis ``openaimodel.UNetModel``), text-conditioned through cross-attention,
+or class-conditioned through a learned table added to the timestep embedding (``num_classes``).
 
 Parameter names follow the CompVis layout (``input_blocks.{i}.{j}``, ``middle_block``,
 ``output_blocks``, ``time_embed``, ``out``), so the ``model.diffusion_model.`` weights of an SD 1.x or
@@ -76,7 +77,7 @@ class Upsample(nn.Module):
 class TimestepEmbedSequential(nn.Sequential):
     """A sequence of layers that hands the timestep embedding and the context to those that take them."""
 
-    def forward(self, x: Tensor, emb: Tensor, context: Tensor) -> Tensor:
+    def forward(self, x: Tensor, emb: Tensor, context: Tensor | None) -> Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
@@ -93,6 +94,8 @@ class UNetModel(nn.Module):
     ``attention_resolutions`` lists downsampling factors (1 = full latent resolution) at which a
     ``SpatialTransformer`` follows each ResBlock. Heads are ``num_heads`` per block, or, when
     ``num_head_channels`` is not -1, as many as give heads of that width (SD 2.x).
+    ``context_dim=None``: no context; the cross-attention layers attend to the feature map itself.
+    ``num_classes``: ``forward(..., y=labels)`` adds ``label_emb(labels)`` to the timestep embedding.
     ``gradient_checkpointing`` recomputes each input/middle/output block in the backward pass
     (``torch.utils.checkpoint`` with ``use_reentrant=False``, which replays autocast).
     """
@@ -108,17 +111,19 @@ class UNetModel(nn.Module):
         channel_mult: Sequence[int] = (1, 2, 4, 4),
         num_heads: int = 8,
         num_head_channels: int = -1,
-        context_dim: int = 768,
+        context_dim: int | None = 768,
         transformer_depth: int = 1,
         use_linear_in_transformer: bool = False,
         dropout: float = 0.0,
         gradient_checkpointing: bool = False,
         norm_groups: int = 32,
+        num_classes: int | None = None,
     ) -> None:
         super().__init__()
         if num_head_channels == -1 and num_heads < 1:
             raise ValueError("set num_heads, or num_head_channels to a width")
         self.model_channels = model_channels
+        self.in_channels = in_channels
         self.gradient_checkpointing = gradient_checkpointing
         time_embed_dim = model_channels * 4
         attention_resolutions = set(attention_resolutions)
@@ -149,6 +154,8 @@ class UNetModel(nn.Module):
             nn.SiLU(),
             nn.Linear(time_embed_dim, time_embed_dim),
         )
+        if num_classes is not None:
+            self.label_emb = nn.Embedding(num_classes, time_embed_dim)
 
         self.input_blocks = nn.ModuleList(
             [TimestepEmbedSequential(nn.Conv2d(in_channels, model_channels, 3, padding=1))]
@@ -193,16 +200,20 @@ class UNetModel(nn.Module):
         nn.init.zeros_(self.out[2].weight)
         nn.init.zeros_(self.out[2].bias)
 
-    def _run(self, block: TimestepEmbedSequential, h: Tensor, emb: Tensor, context: Tensor) -> Tensor:
+    def _run(self, block: TimestepEmbedSequential, h: Tensor, emb: Tensor, context: Tensor | None) -> Tensor:
         if self.gradient_checkpointing and torch.is_grad_enabled():
             return checkpoint(block, h, emb, context, use_reentrant=False)
         return block(h, emb, context)
 
-    def forward(self, x: Tensor, timesteps: Tensor, context: Tensor) -> Tensor:
-        """Predict from latents ``x`` (B, C, H, W), ``timesteps`` (B,) and ``context`` (B, tokens, context_dim)."""
+    def forward(self, x: Tensor, timesteps: Tensor, context: Tensor | None = None, y: Tensor | None = None) -> Tensor:
+        """Predict from latents ``x`` (B, C, H, W), ``timesteps`` (B,), ``context`` (B, tokens, context_dim)
+        and, for a class-conditional UNet, class ids ``y`` (B,)."""
         dtype = self.time_embed[0].weight.dtype
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(dtype))
-        h, context = x.to(dtype), context.to(dtype)
+        if y is not None:
+            emb = emb + self.label_emb(y).to(dtype)
+        h = x.to(dtype)
+        context = None if context is None else context.to(dtype)
         skips = []
         for block in self.input_blocks:
             h = self._run(block, h, emb, context)

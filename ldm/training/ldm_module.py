@@ -1,4 +1,4 @@
-"""Stage 2: a text-conditioned UNet trained on the latents of a frozen autoencoder."""
+"""Stage 2: a UNet trained on the latents of a frozen autoencoder, conditioned by a conditioner (text by default)."""
 
 from __future__ import annotations
 
@@ -24,9 +24,11 @@ from ldm.checkpoints.sd_single_file import module_from_state, read_sd_file
 from ldm.data.latents import require_same_encoders
 from ldm.diffusion.objectives import diffusion_target, loss_weight, offset_noise
 from ldm.diffusion.samplers import DDIMSampler
+from ldm.checkpoints.models import TEXT_CONDITIONER, upgrade_stage2_hparams, upgrade_stage2_state
 from ldm.errors import ConfigError
-from ldm.inference.model import LatentDiffusionModel, build_text_encoder
+from ldm.inference.model import LatentDiffusionModel
 from ldm.inference.pipeline import generate_images
+from ldm.modules.conditioning import Conditioner, Conditioning, TextConditioner, build_conditioner, unet_forward
 from ldm.modules.ema import EMA
 from ldm.modules.latent_codec import LatentCodec
 from ldm.training.callbacks import to_grid
@@ -40,24 +42,26 @@ STAGE = "ldm"
 
 
 class LatentDiffusionModule(pl.LightningModule):
-    """UNet(z_t, t, E(caption)) -> eps (or v), on z = scale_factor * encode(x).sample().
+    """UNet(z_t, t, c) -> eps (or v), on z = scale_factor * encode(x).sample(), c = conditioner(batch).
 
-    The autoencoder and the text encoder are frozen, in eval mode, out of the optimizer, and run
-    in fp32 even under mixed precision (GroupNorm in half precision gives NaNs in VAEs). Their
-    weights are kept in this module's checkpoint, so sampling conditions and decodes exactly as
-    training did without the stage-1 file.
+    The conditioner (`conditioning` config: text, class, none, inpaint, superres; `ldm.modules.conditioning`)
+    turns a batch into what the UNet takes and drops it to its unconditional value at its own rate; this
+    module knows it only through that interface. The autoencoder and the conditioner's networks (the
+    text encoder) are frozen, in eval mode, out of the optimizer, and run in fp32 even under mixed
+    precision (GroupNorm in half precision gives NaNs in VAEs). Their weights are kept in this module's
+    checkpoint, so sampling conditions and decodes exactly as training did without the stage-1 file.
 
-    Batches are either ``{"image", "caption"}``, encoded here, or from a latent cache (``data=latents``):
-    ``{"latent_mean", "latent_std", "context", "caption"}``, the encoders' outputs computed once
-    beforehand; the latent is then sampled from the cached posterior, and a dropped caption's
-    embedding becomes the text encoder's embedding of "". Both give the same loss for the same batch
-    and random state.
+    Batches are either ``{"image", "caption", ...}``, encoded here, or from a latent cache (``data=latents``,
+    text conditioning): ``{"latent_mean", "latent_std", "context", "caption"}``, the encoders' outputs
+    computed once beforehand; the latent is then sampled from the cached posterior, and a dropped
+    caption's embedding becomes the text encoder's embedding of "". Both give the same loss for the same
+    batch and random state.
     """
 
     def __init__(
         self,
         model: dict,
-        text_encoder: dict,
+        conditioning: dict,
         schedule: dict,
         optimizer: dict,
         autoencoder: dict | None = None,
@@ -66,7 +70,6 @@ class LatentDiffusionModule(pl.LightningModule):
         loss_weighting: str = "uniform",
         min_snr_gamma: float = 5.0,
         offset_noise: float = 0.0,
-        caption_dropout: float = 0.1,
         scale_factor: float | None = None,
         scale_factor_batches: int = 8,
         ema_decay: float = 0.9999,
@@ -80,14 +83,15 @@ class LatentDiffusionModule(pl.LightningModule):
         guidance_scale: float = 5.0,
         timestep_buckets: int = 4,
         max_nonfinite_steps: int = 10,
-        text_encoder_weights: Mapping[str, Tensor] | None = None,
+        conditioner_state: Mapping[str, Tensor] | None = None,
         init_from: str | None = None,
         init_from_ema: bool = False,
         init_from_prediction: str | None = None,
     ) -> None:
         """`autoencoder_ckpt` is a stage-1 checkpoint (its config and weights are used); `autoencoder`,
-        a config, builds one whose weights come later (`from_checkpoint`). `text_encoder_weights` builds
-        the text encoder on those tensors instead of its configured source.
+        a config, builds one whose weights come later (`from_checkpoint`). `conditioning` is the
+        conditioner's config; `conditioner_state` (its own keys) builds its networks on those tensors instead
+        of their configured source.
 
         `init_from` is a Stable Diffusion 1.x / 2.x single file instead: the UNet starts from its weights
         (`init_from_ema`: from its EMA weights, when it has them), its autoencoder and text encoder are
@@ -96,16 +100,20 @@ class LatentDiffusionModule(pl.LightningModule):
         (`init_from_prediction` where its kind does not say: SD 2.x-base is eps) and, unless
         `scale_factor` is set, the latent scale (0.18215). The checkpoints keep everything, as ever."""
         super().__init__()
-        model, text_encoder, schedule, optimizer = map(to_plain, (model, text_encoder, schedule, optimizer))
+        model, conditioning, schedule, optimizer = map(to_plain, (model, conditioning, schedule, optimizer))
         self.init_from = init_from
         sd = None
         if init_from:
             if autoencoder_ckpt:
                 raise ConfigError("Give init_from=<SD file> (its own autoencoder) or autoencoder_ckpt=<stage-1 checkpoint>, not both.")
+            conditioning = {"_target_": TEXT_CONDITIONER, **conditioning}
+            if hydra.utils.get_class(conditioning["_target_"]) is not TextConditioner:
+                raise ConfigError("init_from=<SD file> fine-tunes a text-to-image model: it needs conditioning=text.")
             sd = read_sd_file(init_from, use_ema=init_from_ema, prediction=init_from_prediction)
             sd.unet_config["gradient_checkpointing"] = bool(model.get("gradient_checkpointing", False))  # memory, not the network
-            model, text_encoder, schedule, autoencoder = sd.unet_config, sd.text_encoder_config, sd.schedule_config, sd.autoencoder_config
-            prediction, text_encoder_weights = sd.prediction, sd.text_encoder
+            model, schedule, autoencoder = sd.unet_config, sd.schedule_config, sd.autoencoder_config
+            conditioning = {**conditioning, "encoder": sd.text_encoder_config}
+            prediction, conditioner_state = sd.prediction, {f"text_encoder.{k}": v for k, v in sd.text_encoder.items()}
             scale_factor = scale_factor or sd.scale_factor
             log.info("Starting from %s (Stable Diffusion %s, %s UNet weights): %s prediction, scale factor %.5f; its UNet, "
                      "autoencoder, text encoder and schedule replace the configured ones.", init_from, sd.version[-1] + ".x",
@@ -118,13 +126,16 @@ class LatentDiffusionModule(pl.LightningModule):
         else:
             autoencoder = to_plain(autoencoder)
             autoencoder_module = hydra.utils.instantiate(autoencoder)
-        if not 0.0 <= caption_dropout <= 1.0:
-            raise ConfigError(f"caption_dropout must be in [0, 1], got {caption_dropout}")
+        try:
+            conditioner = build_conditioner(conditioning, conditioner_state)
+        except ValueError as err:
+            raise ConfigError(f"conditioning: {err}") from err
+        model = conditioner.unet_config(model, autoencoder_module.latent_channels)
         self.save_hyperparameters(
             {
                 "stage": STAGE,
                 "model": model,
-                "text_encoder": text_encoder,
+                "conditioning": conditioning,
                 "schedule": schedule,
                 "optimizer": optimizer,
                 "autoencoder": autoencoder,
@@ -132,7 +143,6 @@ class LatentDiffusionModule(pl.LightningModule):
                 "loss_weighting": loss_weighting,
                 "min_snr_gamma": min_snr_gamma,
                 "offset_noise": offset_noise,
-                "caption_dropout": caption_dropout,
                 "scale_factor_batches": scale_factor_batches,
                 "ema_decay": ema_decay,
                 "ema_warmup": ema_warmup,
@@ -148,14 +158,7 @@ class LatentDiffusionModule(pl.LightningModule):
             }
         )
         self.autoencoder = autoencoder_module.eval().requires_grad_(False)
-        self.text_encoder = build_text_encoder(text_encoder, text_encoder_weights)
-        self.text_encoder.requires_grad_(False)
-        width = self.text_encoder.output_dim
-        if model.get("context_dim") != width:
-            raise ConfigError(
-                f"The UNet's context_dim ({model.get('context_dim')}) differs from the text encoder's width "
-                f"({width}): set model.context_dim={width} or pick a matching text_encoder."
-            )
+        self.conditioner: Conditioner = conditioner.eval().requires_grad_(False)
         self.unet = hydra.utils.instantiate(model) if sd is None else module_from_state(model, sd.unet, "UNet", init_from)
         self.ema = EMA(self.unet, decay=ema_decay, warmup=ema_warmup)
         self.schedule = hydra.utils.instantiate(schedule)
@@ -167,7 +170,6 @@ class LatentDiffusionModule(pl.LightningModule):
         # 0 means "not measured yet"; the buffer goes into checkpoints, so a resumed run reuses it.
         self.register_buffer("scale_factor", torch.tensor(float(scale_factor or 0.0), dtype=torch.float64))
         self.nonfinite = NonFiniteGuard(max_nonfinite_steps)
-        self._unconditional_context: Tensor | None = None
 
     @staticmethod
     def _autoencoder_from_checkpoint(path: str | None) -> tuple[nn.Module, dict]:
@@ -198,11 +200,10 @@ class LatentDiffusionModule(pl.LightningModule):
         """Rebuilds a trained module from its checkpoint alone (no YAML, no stage-1 file, no download)."""
         ckpt = read_checkpoint(path)
         require_stage(ckpt, STAGE, path)
-        hparams = dict(ckpt["hyper_parameters"])
+        hparams, state = upgrade_stage2_hparams(ckpt["hyper_parameters"]), upgrade_stage2_state(ckpt["state_dict"])
         hparams.pop("stage", None)
-        text_encoder_weights = sub_state_dict(ckpt["state_dict"], "text_encoder.")
-        module = cls(**hparams, autoencoder_ckpt=None, text_encoder_weights=text_encoder_weights)
-        module.load_state_dict(ckpt["state_dict"], strict=True)
+        module = cls(**hparams, autoencoder_ckpt=None, conditioner_state=sub_state_dict(state, "conditioner."))
+        module.load_state_dict(state, strict=True)
         return module.to(map_location).eval()
 
     def _apply(self, fn, *args, **kwargs):
@@ -214,42 +215,15 @@ class LatentDiffusionModule(pl.LightningModule):
     def train(self, mode: bool = True) -> "LatentDiffusionModule":
         super().train(mode)
         self.autoencoder.eval()
-        self.text_encoder.eval()
+        self.conditioner.eval()
         return self
 
     # --- conditioning and latents -------------------------------------------------------------
 
-    @torch.no_grad()
-    def encode_text(self, captions: list[str]) -> Tensor:
-        with torch.autocast(self.device.type, enabled=False):
-            return self.text_encoder(list(captions)).to(self.device).float()
-
-    def _dropout_mask(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        return torch.rand(n, generator=generator) < self.hparams.caption_dropout
-
-    def drop_captions(self, captions: list[str], generator: torch.Generator | None = None) -> list[str]:
-        """Replaces each caption by "" with probability `caption_dropout`: the same empty prompt that
-        classifier-free guidance uses as its unconditional input at sampling time."""
-        drop = self._dropout_mask(len(captions), generator)
-        return ["" if d else c for c, d in zip(captions, drop.tolist())]
-
-    def unconditional_context(self) -> Tensor:
-        """The embedding of "" (1 x tokens x width), computed once per device."""
-        if self._unconditional_context is None or self._unconditional_context.device != self.device:
-            self._unconditional_context = self.encode_text([""])
-        return self._unconditional_context
-
-    def context_of(self, batch: dict, dropout: bool) -> Tensor:
-        """Text embeddings of a batch: encoded from its captions, or its cached `context`; with `dropout`,
-        each row is the unconditional embedding with probability `caption_dropout`."""
-        if "context" not in batch:
-            captions = self.drop_captions(batch["caption"]) if dropout else batch["caption"]
-            return self.encode_text(captions)
-        context = batch["context"].to(self.device).float()
-        if not dropout:
-            return context
-        drop = self._dropout_mask(context.shape[0]).to(self.device).view(-1, 1, 1)
-        return torch.where(drop, self.unconditional_context(), context)
+    def conditioning_of(self, batch: dict, dropout: bool) -> Conditioning:
+        """What the UNet is conditioned on for a batch; with `dropout`, each sample's is the conditioner's
+        unconditional value with the conditioner's drop rate."""
+        return self.conditioner(batch, self.codec, dropout)
 
     @property
     def codec(self) -> LatentCodec:
@@ -286,7 +260,9 @@ class LatentDiffusionModule(pl.LightningModule):
         """With a latent cache, checks that it was made by this module's autoencoder and text encoder."""
         cache = getattr(self.trainer.datamodule, "latent_cache", None)
         if cache is not None:
-            require_same_encoders(cache, state_dict_sha256(self.autoencoder), state_dict_sha256(self.text_encoder),
+            if not isinstance(self.conditioner, TextConditioner):
+                raise ConfigError(f"data=latents holds text embeddings: it trains conditioning=text, not conditioning={self.conditioner.kind}.")
+            require_same_encoders(cache, state_dict_sha256(self.autoencoder), state_dict_sha256(self.conditioner.text_encoder),
                                   autoencoder_source=self.autoencoder_source)
 
     def on_train_start(self) -> None:
@@ -318,12 +294,13 @@ class LatentDiffusionModule(pl.LightningModule):
 
     # --- training ---------------------------------------------------------------------------
 
-    def diffusion_loss(self, z0: Tensor, context: Tensor, t: Tensor, noise: Tensor, unet: nn.Module | None = None) -> tuple[Tensor, Tensor]:
-        """Weighted per-sample loss (B,) and the batch mean."""
+    def diffusion_loss(self, z0: Tensor, cond: Conditioning | Tensor, t: Tensor, noise: Tensor, unet: nn.Module | None = None) -> tuple[Tensor, Tensor]:
+        """Weighted per-sample loss (B,) and the batch mean; `cond` is a conditioning (a bare tensor: a
+        cross-attention context)."""
         unet = self.unet if unet is None else unet
         z_t = self.schedule.q_sample(z0, t, noise)
         target = diffusion_target(self.schedule, z0, noise, t, prediction=self.hparams.prediction)
-        pred = unet(z_t, t, context)
+        pred = unet_forward(unet, z_t, t, cond)
         per_sample = (pred.float() - target.float()).square().mean(dim=(1, 2, 3))
         weights = loss_weight(self.schedule, t, self.hparams.loss_weighting, self.hparams.min_snr_gamma, self.hparams.prediction)
         per_sample = per_sample * weights
@@ -359,9 +336,9 @@ class LatentDiffusionModule(pl.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
         z0 = self.latents_of(batch)
-        context = self.context_of(batch, dropout=True)
+        cond = self.conditioning_of(batch, dropout=True)
         t, noise = self._draw_t_and_noise(z0)
-        per_sample, loss = self.diffusion_loss(z0, context, t.to(z0.device), noise)
+        per_sample, loss = self.diffusion_loss(z0, cond, t.to(z0.device), noise)
         if not self.nonfinite.check(loss, self.global_step, sync=min_over_ranks(self)):
             return None
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=z0.shape[0])
@@ -380,9 +357,9 @@ class LatentDiffusionModule(pl.LightningModule):
             return  # a sanity check before on_train_start measured the scale factor: every latent would be 0
         generator = torch.Generator().manual_seed(1000 + batch_idx)
         z0 = self.latents_of(batch)
-        context = self.context_of(batch, dropout=False)
+        cond = self.conditioning_of(batch, dropout=False)
         t, noise = self._draw_t_and_noise(z0, generator=generator)
-        per_sample, loss = self.diffusion_loss(z0, context, t.to(z0.device), noise, unet=self.ema.module)
+        per_sample, loss = self.diffusion_loss(z0, cond, t.to(z0.device), noise, unet=self.ema.module)
         self.log("val/loss", loss, on_epoch=True, sync_dist=True, prog_bar=True, batch_size=z0.shape[0])
         self._log_buckets(per_sample, t, "val", skip_empty=False, on_epoch=True, sync_dist=True)
 
@@ -400,7 +377,7 @@ class LatentDiffusionModule(pl.LightningModule):
         return LatentDiffusionModel(
             unet=self.ema.module if use_ema else self.unet,
             autoencoder=self.autoencoder,
-            text_encoder=self.text_encoder,
+            conditioner=self.conditioner,
             schedule=self.schedule,
             prediction=self.hparams.prediction,
             scale_factor=self.scale_factor,
@@ -409,14 +386,17 @@ class LatentDiffusionModule(pl.LightningModule):
 
     @torch.no_grad()
     def log_images(self, batch: dict) -> dict[str, Tensor]:
-        """Validation prompts, image k from seed k: guided on the top row, unguided below (EMA weights)."""
-        prompts = self.hparams.validation_prompts or list(batch["caption"])
+        """Validation prompts (or what the conditioner takes from this batch), image k from seed k: guided
+        on the top row, unguided below (EMA weights)."""
+        prompts = self.hparams.validation_prompts
+        request = self.conditioner.example_request(batch, prompts, len(prompts) or 8)
         size = batch["image"].shape[-1] if "image" in batch else batch["latent_mean"].shape[-1] * self.autoencoder.downsample_factor
         sampler = DDIMSampler(self.schedule, self.hparams.sample_steps, eta=0.0)
-        model, seeds = self.generation_model(), list(range(len(prompts)))
-        guided = generate_images(model, sampler, prompts, seeds, height=size, width=size, guidance_scale=self.hparams.guidance_scale)
-        unguided = generate_images(model, sampler, prompts, seeds, height=size, width=size, guidance_scale=1.0)
-        return {"samples": to_grid([guided, unguided], nrow=min(len(prompts), 8))}
+        model, seeds = self.generation_model(), list(range(request.batch_size))
+        inputs = dict(height=size, width=size, class_labels=request.class_labels, init_image=request.image, mask=request.mask)
+        guided = generate_images(model, sampler, request.prompts, seeds, guidance_scale=self.hparams.guidance_scale, **inputs)
+        unguided = generate_images(model, sampler, request.prompts, seeds, guidance_scale=1.0, **inputs)
+        return {"samples": to_grid([guided, unguided], nrow=min(request.batch_size, 8))}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["ldm_stage"] = STAGE
@@ -427,6 +407,7 @@ class LatentDiffusionModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         path = self._trainer.ckpt_path if self._trainer is not None else None
         require_stage(checkpoint, STAGE, path, hint="stage=ldm resumes only from a stage-2 checkpoint (ckpt_path=...).")
+        checkpoint["state_dict"] = upgrade_stage2_state(checkpoint["state_dict"])
         if "nonfinite" in checkpoint:
             self.nonfinite.load_state_dict(checkpoint["nonfinite"])
 

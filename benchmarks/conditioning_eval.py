@@ -1,0 +1,59 @@
+"""The shapes measurement of a class-conditional, unconditional, inpainting or super-resolution model,
+chosen by the checkpoint's conditioning. The command line over ``ldm.evaluation.conditioning``.
+
+    python benchmarks/conditioning_eval.py runs/ldm/<class run>/checkpoints/last.ckpt --n 32 --guidance 5   # n per class
+    python benchmarks/conditioning_eval.py runs/ldm/<uncond run>/checkpoints/last.ckpt --n 1024
+    python benchmarks/conditioning_eval.py runs/ldm/<inpaint run>/checkpoints/last.ckpt --n 256 --guidance 5
+    python benchmarks/conditioning_eval.py runs/ldm/<sr run>/checkpoints/last.ckpt --n 256
+
+Prints the figures as one JSON line (``--json PATH`` writes them too). What each must reach
+(docs/conditioning.md): class ``accuracy`` >= 0.95; none ``max_tv`` <= 0.05; inpaint ``kept_psnr_margin``
+>= -1 dB and ``asked_colour`` >= 0.90; superres ``gain_db`` >= 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from ldm.diffusion import SAMPLERS
+from ldm.evaluation.conditioning import evaluate
+from ldm.inference import load_model
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("ckpt")
+    parser.add_argument("--n", type=int, default=256, help="images (class-conditional: images per class)")
+    parser.add_argument("--guidance", type=float, default=5.0, help="guidance scale (class, inpaint)")
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", type=Path, default=None)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(argv)
+    model = load_model(args.ckpt, args.device)
+    start = time.process_time()
+    result = evaluate(model, args.n, guidance_scale=args.guidance, steps=args.steps, sampler=args.sampler, seed=args.seed,
+                      batch_size=args.batch_size)
+    result.update(checkpoint=str(Path(args.ckpt).resolve()), global_step=model.metadata.get("global_step"),
+                  cpu_seconds=round(time.process_time() - start, 1))
+    line = json.dumps(result)
+    print(line)
+    if args.json:
+        args.json.write_text(line + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
