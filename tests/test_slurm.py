@@ -95,7 +95,7 @@ def test_sigusr1_checkpoints_requeues_and_the_requeued_job_resumes(slurm, tmp_pa
     assert f"job {job} restart 0" in out and f"job {job} restart 1" in out  # one log, appended by the requeued job
     stopped = []
     for log in _both_ranks_ran(run_dir):  # each rank's log holds both incarnations
-        stopped += re.findall(r"Signal 10 \(SLURM's time-limit warning\): stopping after batch (\d+)", log)
+        stopped += re.findall(r"SIGUSR1: stopping after batch (\d+) to write last.ckpt", log)
         assert log.count("Latent scale factor measured") == 1 and "(from config or checkpoint; not re-measured)" in log
         assert f"Resuming from {last}" in log
     # Both ranks stopped after the same batch, mid-run; the requeued job went on from there to the end.
