@@ -131,9 +131,8 @@ def test_guidance_at_scale_one_is_the_conditional_prediction(run) -> None:
         assert cond.keys() == uncond.keys() and all(torch.equal(cond[k], uncond[k]) for k in cond)
 
 
+@pytest.mark.parametrize("run", ["class"], indirect=True)
 def test_a_dropped_class_trains_the_null_class_guidance_uses(run) -> None:
-    if run.kind != "class":
-        pytest.skip("class conditioning")
     conditioner = run.module.conditioner
     drop_rate, conditioner.drop_rate = conditioner.drop_rate, 1.0
     try:
@@ -219,9 +218,8 @@ def test_each_checkpoint_refuses_options_it_cannot_use(run, images, tmp_path: Pa
     assert not list(tmp_path.glob("*.png"))
 
 
+@pytest.mark.parametrize("run", ["none"], indirect=True)
 def test_the_refusal_is_one_line_from_the_command(run, tmp_path: Path) -> None:
-    if run.kind != "none":
-        pytest.skip("one subprocess is enough")
     done = subprocess.run([sys.executable, "sample.py", f"ckpt={run.ckpt}", f"prompt={PROMPT}", f"out_dir={tmp_path}"],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and "Traceback" not in done.stderr
@@ -229,9 +227,8 @@ def test_the_refusal_is_one_line_from_the_command(run, tmp_path: Path) -> None:
     assert re.match(r"error: ckpt=.* is an unconditional model: it takes no prompt", line)
 
 
+@pytest.mark.parametrize("run", ["superres"], indirect=True)
 def test_superres_upsamples_by_its_factor(run, images, tmp_path: Path) -> None:
-    if run.kind != "superres":
-        pytest.skip("super-resolution")
     model = load_model(run.ckpt)
     low = torch.rand(1, 3, 8, 12) * 2 - 1
     out = generate_images(model, build_sampler("ddim", model.schedule, 2), None, [0], height=32, width=48, init_image=low)
@@ -240,9 +237,8 @@ def test_superres_upsamples_by_its_factor(run, images, tmp_path: Path) -> None:
         generate_images(model, build_sampler("ddim", model.schedule, 2), None, [0], height=32, width=32, init_image=low)
 
 
+@pytest.mark.parametrize("run", ["class"], indirect=True)
 def test_an_ordinary_model_still_inpaints_by_latent_blending(run) -> None:
-    if run.kind != "class":
-        pytest.skip("one ordinary model")
     model = load_model(run.ckpt)
     init = torch.rand(1, 3, 32, 32) * 2 - 1
     mask = torch.zeros(1, 1, 32, 32)
@@ -256,11 +252,10 @@ def test_an_ordinary_model_still_inpaints_by_latent_blending(run) -> None:
 # --- text-to-image is what it was -------------------------------------------------------------
 
 
+@pytest.mark.parametrize("run", ["text"], indirect=True)
 def test_text_sampling_is_the_plain_text_embedding_path(run) -> None:
     """Sampling a text model through its conditioner gives bit for bit what the UNet gives on the text
     encoder's embeddings of the prompt and of the negative prompt, guided as before conditioners existed."""
-    if run.kind != "text":
-        pytest.skip("text conditioning")
     model = load_model(run.ckpt)
     prompts, seeds, scale = [PROMPT, "a blue square"], [3, 4], 4.0
     sampler = build_sampler("dpmpp_2m", model.schedule, 4)
@@ -273,11 +268,10 @@ def test_text_sampling_is_the_plain_text_embedding_path(run) -> None:
     assert torch.equal(ours, reference)
 
 
+@pytest.mark.parametrize("run", ["text"], indirect=True)
 def test_a_checkpoint_from_before_conditioners_loads_and_samples_identically(run, tmp_path: Path) -> None:
     """A text checkpoint in the layout written before conditioners (`text_encoder.*`, hparams `text_encoder`
     and `caption_dropout`) is the same model: same tensors, same images for the same seed."""
-    if run.kind != "text":
-        pytest.skip("text conditioning")
     ckpt = torch.load(run.ckpt, map_location="cpu", weights_only=False)
     state, hparams = ckpt["state_dict"], ckpt["hyper_parameters"]
     prefixes = {key.split(".")[0] for key in state}
@@ -325,9 +319,8 @@ def test_random_masks_mix_whole_images_boxes_and_strokes() -> None:
 # --- the measurements of docs/conditioning.md -------------------------------------------------
 
 
+@pytest.mark.parametrize("run", [k for k in KINDS if k != "text"], indirect=True)  # text: benchmarks/prompt_following.py
 def test_each_kind_is_measured_on_its_tiny_checkpoint(run, tmp_path: Path) -> None:
-    if run.kind == "text":
-        pytest.skip("text models are measured by benchmarks/prompt_following.py")
     sys.path.insert(0, str(REPO / "benchmarks"))
     try:
         import conditioning_eval
