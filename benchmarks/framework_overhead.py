@@ -215,6 +215,20 @@ def framework_run(cfg: DictConfig, module: pl.LightningModule, batches: list | N
 # --- (a) the plain loop ----------------------------------------------------------------------------------
 
 
+def timed_window(data: DataLoader, first: int, n: int, device: torch.device, step: Callable[[dict], None]) -> Times:
+    """Runs `step` on each batch of `data` and times batches first .. first + n - 1 (the ones before warm up)."""
+    clock = Clock()
+    for i, batch in enumerate(data):
+        if i == first:
+            synchronize(device)
+            clock.start()
+        elif i == first + n:
+            synchronize(device)
+            return clock.stop()
+        step(batch)
+    raise RuntimeError("the loader ended before the window did")
+
+
 class PlainLDM:
     """Stage 2 in plain PyTorch: the module's UNet (a copy), AdamW, warm-up LR, EMA, v-prediction MSE."""
 
@@ -232,34 +246,28 @@ class PlainLDM:
         self.scale, self.decay = float(module.scale_factor), h.ema_decay
 
     def run(self, data: DataLoader, first: int, n: int) -> Times:
-        clock = Clock()
-        for i, batch in enumerate(data):
-            if i == first:
-                synchronize(self.device)
-                clock.start()
-            elif i == first + n:
-                synchronize(self.device)
-                return clock.stop()
-            batch = on_device(batch, self.device)
-            mean, std, context = batch["latent_mean"], batch["latent_std"], batch["context"]
-            z0 = self.scale * (mean + std * torch.randn_like(mean))
-            drop = (torch.rand(z0.shape[0]) < self.dropout).view(-1, 1, 1).to(self.device)
-            context = torch.where(drop, self.uncond, context)
-            t = torch.randint(0, len(self.alphas_cumprod), (z0.shape[0],)).to(self.device)
-            noise = torch.randn_like(z0)
-            a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
-            z_t = a.sqrt() * z0 + (1 - a).sqrt() * noise
-            v = a.sqrt() * noise - (1 - a).sqrt() * z0
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                prediction = self.unet(z_t, t, context)
-            loss = F.mse_loss(prediction.float(), v)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            self.scheduler.step()
-            with torch.no_grad():
-                torch._foreach_lerp_(self.ema_params, self.params, 1 - self.decay)
-        raise RuntimeError("the loader ended before the window did")
+        return timed_window(data, first, n, self.device, self.step_on)
+
+    def step_on(self, batch: dict) -> None:
+        batch = on_device(batch, self.device)
+        mean, std, context = batch["latent_mean"], batch["latent_std"], batch["context"]
+        z0 = self.scale * (mean + std * torch.randn_like(mean))
+        drop = (torch.rand(z0.shape[0]) < self.dropout).view(-1, 1, 1).to(self.device)
+        context = torch.where(drop, self.uncond, context)
+        t = torch.randint(0, len(self.alphas_cumprod), (z0.shape[0],)).to(self.device)
+        noise = torch.randn_like(z0)
+        a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
+        z_t = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        v = a.sqrt() * noise - (1 - a).sqrt() * z0
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            prediction = self.unet(z_t, t, context)
+        loss = F.mse_loss(prediction.float(), v)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(self.ema_params, self.params, 1 - self.decay)
 
     def state(self) -> dict[str, Any]:
         return {"unet": self.unet.state_dict(), "ema": self.ema.state_dict(), "optimizer": self.optimizer.state_dict()}
@@ -278,24 +286,18 @@ class PlainAutoencoder:
         self.step = 0
 
     def run(self, data: DataLoader, first: int, n: int) -> Times:
-        clock = Clock()
-        for i, batch in enumerate(data):
-            if i == first:
-                synchronize(self.device)
-                clock.start()
-            elif i == first + n:
-                synchronize(self.device)
-                return clock.stop()
-            x = batch["image"].to(self.device, non_blocking=True)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                reconstructions, posterior = self.autoencoder(x)
-                loss, _ = self.loss.generator_loss(x, reconstructions, posterior, self.step, self.autoencoder.last_layer)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            self.scheduler.step()
-            self.step += 1
-        raise RuntimeError("the loader ended before the window did")
+        return timed_window(data, first, n, self.device, self.step_on)
+
+    def step_on(self, batch: dict) -> None:
+        x = batch["image"].to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            reconstructions, posterior = self.autoencoder(x)
+            loss, _ = self.loss.generator_loss(x, reconstructions, posterior, self.step, self.autoencoder.last_layer)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
 
     def state(self) -> dict[str, Any]:
         return {"autoencoder": self.autoencoder.state_dict(), "loss": self.loss.state_dict(), "optimizer": self.optimizer.state_dict()}

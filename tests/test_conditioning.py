@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+from ldm.checkpoints.io import read_checkpoint
 from ldm.checkpoints.models import LEGACY_TEXT_PREFIX, TEXT_PREFIX
 from ldm.data.shapes import CLASSES, ShapesDataset
 from ldm.diffusion import NoiseSchedule, build_sampler
@@ -272,7 +273,7 @@ def test_text_sampling_is_the_plain_text_embedding_path(run) -> None:
 def test_a_checkpoint_from_before_conditioners_loads_and_samples_identically(run, tmp_path: Path) -> None:
     """A text checkpoint in the layout written before conditioners (`text_encoder.*`, hparams `text_encoder`
     and `caption_dropout`) is the same model: same tensors, same images for the same seed."""
-    ckpt = torch.load(run.ckpt, map_location="cpu", weights_only=False)
+    ckpt = read_checkpoint(run.ckpt)
     state, hparams = ckpt["state_dict"], ckpt["hyper_parameters"]
     prefixes = {key.split(".")[0] for key in state}
     assert prefixes == {"unet", "ema", "autoencoder", "conditioner", "scale_factor"}

@@ -20,11 +20,11 @@ from ldm.checkpoints import (
     state_dict_sha256,
     sub_state_dict,
 )
+from ldm.checkpoints.models import TEXT_CONDITIONER, upgrade_stage2_hparams, upgrade_stage2_state
 from ldm.checkpoints.sd_single_file import module_from_state, read_sd_file
 from ldm.data.latents import require_same_encoders
 from ldm.diffusion.objectives import diffusion_target, loss_weight, offset_noise
 from ldm.diffusion.samplers import DDIMSampler
-from ldm.checkpoints.models import TEXT_CONDITIONER, upgrade_stage2_hparams, upgrade_stage2_state
 from ldm.errors import ConfigError
 from ldm.inference.model import LatentDiffusionModel
 from ldm.inference.pipeline import generate_images
