@@ -13,6 +13,7 @@ from torch import Tensor
 
 from ldm.errors import SamplingInputError
 from ldm.modules.conditioning.base import Conditioner, Conditioning, SamplingRequest, build_conditioner
+from ldm.modules.conditioning.degradation import Degradation, downsample
 from ldm.modules.conditioning.masks import random_masks
 from ldm.modules.latent_codec import LatentCodec
 
@@ -112,19 +113,21 @@ class InpaintingConditioner(_ConcatConditioner):
 
 
 class SuperResolutionConditioner(_ConcatConditioner):
-    """The low-resolution image (the target bicubic-downsampled by `factor`, in training optionally
-    degraded by Gaussian noise of a random level up to `noise_level`), resized to the latent's size and
-    concatenated (3 channels). Sampling upsamples an image by `factor`."""
+    """The low-resolution image (the target bicubic-downsampled by `factor`; in training optionally
+    blurred first, then noised and JPEG-compressed, each by a random amount up to its setting:
+    `degradation.Degradation`), resized to the latent's size and concatenated (3 channels). Sampling
+    upsamples an image by `factor`."""
 
     kind = "superres"
     description = "super-resolution"
 
-    def __init__(self, factor: int = 4, noise_level: float = 0.0, base: Mapping[str, Any] | None = None,
-                 state_dict: Mapping[str, Tensor] | None = None) -> None:
+    def __init__(self, factor: int = 4, noise_level: float = 0.0, blur: float = 0.0, jpeg_quality: int | None = None,
+                 base: Mapping[str, Any] | None = None, state_dict: Mapping[str, Tensor] | None = None) -> None:
         super().__init__(base, state_dict)
         if factor < 1:
             raise ValueError(f"conditioning.factor must be at least 1, got {factor}")
-        self.factor, self.noise_level = int(factor), float(noise_level)
+        self.factor = int(factor)
+        self.degradation = Degradation(blur=blur, noise_level=noise_level, jpeg_quality=jpeg_quality)
         self.upscale = self.factor
 
     def concat_channels(self, latent_channels: int) -> int:
@@ -132,15 +135,11 @@ class SuperResolutionConditioner(_ConcatConditioner):
 
     def low_resolution(self, image: Tensor) -> Tensor:
         """What the model upsamples: the image bicubic-downsampled by `factor` (antialiased), in [-1, 1]."""
-        height, width = image.shape[-2:]
-        size = (height // self.factor, width // self.factor)
-        return F.interpolate(image.float(), size=size, mode="bicubic", antialias=True, align_corners=False).clamp(-1, 1)
+        return downsample(image, self.factor)
 
-    def degrade(self, low: Tensor) -> Tensor:
-        if self.noise_level <= 0:
-            return low
-        sigma = torch.rand(low.shape[0], 1, 1, 1) * self.noise_level
-        return (low + sigma.to(low.device) * torch.randn_like(low)).clamp(-1, 1)
+    def training_input(self, image: Tensor) -> Tensor:
+        """The low-resolution image degraded at random as configured (clean when nothing is)."""
+        return self.degradation(image, self.factor) if self.degradation.active else self.low_resolution(image)
 
     @staticmethod
     def concat(low: Tensor, latent_hw: tuple[int, int], codec: LatentCodec) -> Tensor:
@@ -148,9 +147,7 @@ class SuperResolutionConditioner(_ConcatConditioner):
 
     def forward(self, batch: Mapping[str, Any], codec: LatentCodec, dropout: bool) -> Conditioning:
         image = batch["image"]
-        low = self.low_resolution(image)
-        if dropout:
-            low = self.degrade(low)
+        low = self.training_input(image) if dropout else self.low_resolution(image)
         latent_hw = (image.shape[-2] // codec.downsample_factor, image.shape[-1] // codec.downsample_factor)
         return self._with(self.base(batch, codec, dropout), self.concat(low, latent_hw, codec))
 
