@@ -22,7 +22,8 @@ from ldm.checkpoints.models import LEGACY_TEXT_PREFIX, TEXT_PREFIX
 from ldm.data.shapes import CLASSES, ShapesDataset
 from ldm.diffusion import NoiseSchedule, build_sampler
 from ldm.diffusion.guidance import ClassifierFreeGuidance
-from ldm.errors import SamplingInputError
+from ldm.errors import EvaluationError, SamplingInputError
+from ldm.evaluation import evaluate as evaluate_module
 from ldm.inference import denoise_latents, generate_images, load_model, seeded_noise
 from ldm.inference.pipeline import STEP_NOISE_SEED_OFFSET
 from ldm.inference.sample import sample
@@ -53,9 +54,14 @@ def run(request, tiny_autoencoder_ckpt, tmp_path_factory) -> SimpleNamespace:
     torch.set_num_threads(1)
     kind = request.param
     run_dir = tmp_path_factory.mktemp(f"cond_{kind}")
+    # FID during training, for the kinds that generate for a reference set (their labels, or nothing).
+    evaluation = ["callbacks=with_eval", "callbacks.evaluation.every_n_steps=20", "callbacks.evaluation.n_images=4",
+                  "callbacks.evaluation.steps=2", "callbacks.evaluation.metrics=[fid]", "callbacks.evaluation.at_train_end=false",
+                  f"callbacks.evaluation.feature_cache={run_dir / 'features'}"] if kind in ("class", "none") else []
     cfg = compose_config(str(run_dir), [*TINY_LDM, f"autoencoder_ckpt={tiny_autoencoder_ckpt}", f"conditioning={kind}",
                                         "schedule=scaled_linear", "stage.module.prediction=eps", "trainer.max_steps=20",
-                                        "trainer.val_check_interval=20", "data.train.length=320", "stage.module.optimizer.lr=1e-3"])
+                                        "trainer.val_check_interval=20", "data.train.length=320", "stage.module.optimizer.lr=1e-3",
+                                        *evaluation])
     pl.seed_everything(0)
     datamodule = hydra.utils.instantiate(cfg.data)
     module = hydra.utils.instantiate(cfg.stage.module)
@@ -367,3 +373,46 @@ def test_distances_and_masked_psnr() -> None:
     keep[..., :2, :] = 1
     torch.testing.assert_close(masked_psnr(b, a, keep), torch.tensor([20.0]))
     assert masked_psnr(b, a, 1 - keep).item() > 90  # nothing differs where the bottom half is kept
+
+
+# --- the field's metrics for each kind --------------------------------------------------------
+
+
+@pytest.mark.parametrize("run", ["class", "none"], indirect=True)
+def test_the_evaluation_callback_measures_class_and_unconditional_models(run) -> None:
+    history = json.loads((run.run_dir / "evaluation" / "metrics.json").read_text())
+    assert [entry["step"] for entry in history] == [20] and history[0]["fid"] > 0
+
+
+@pytest.mark.parametrize("run", ["class", "none", "superres"], indirect=True)
+def test_evaluate_generates_for_what_the_model_takes(run, tmp_path: Path, monkeypatch) -> None:
+    """evaluate.py: a class model generates for the held-out images' labels (class-conditional FID), an
+    unconditional one for nothing; a model that needs input images is sent to conditioning_eval.py."""
+    from hydra import compose, initialize_config_dir
+
+    seen: list[tuple] = []
+    real = evaluate_module.generate_images
+
+    def spy(model, sampler, prompts, seeds, **kwargs):
+        seen.append((prompts, kwargs.get("class_labels"), list(seeds)))
+        return real(model, sampler, prompts, seeds, **kwargs)
+
+    monkeypatch.setattr(evaluate_module, "generate_images", spy)
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = compose(config_name="evaluate", overrides=[
+            f"ckpt={run.ckpt}", "n_images=6", "steps=2", "batch_size=4", "metrics.names=[fid]", "progress=false", "device=cpu",
+            f"out_dir={tmp_path / 'out'}", f"metrics.feature_cache={tmp_path / 'cache'}"])  # fmt: skip
+    if run.kind == "superres":
+        with pytest.raises(EvaluationError, match=r"super-resolution model: .*benchmarks/conditioning_eval.py"):
+            evaluate_module.evaluate(cfg)
+        return
+    result = evaluate_module.evaluate(cfg)
+    assert result["conditioning"] == run.kind and result["metrics"]["fid"] > 0
+    assert [seed for *_, seeds in seen for seed in seeds] == list(range(6))
+    assert all(prompts is None for prompts, *_ in seen)
+    labels = [label for _, batch, _ in seen for label in (batch or [])]
+    if run.kind == "class":
+        val = hydra.utils.instantiate(cfg.data.val)
+        assert labels == [int(val[i]["label"]) for i in range(6)] and result["class_labels"] == "labels of data.val"
+    else:
+        assert labels == [] and result["class_labels"] is None and result["prompts"] is None

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import yaml
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, Timer, TQDMProgressBar
 from omegaconf import OmegaConf
 
+from ldm.checkpoints.io import read_checkpoint
 from ldm.errors import ConfigError as LdmConfigError
 from ldm.training import run
 from ldm.training.callbacks import (
@@ -50,6 +52,11 @@ EXPECTED = {
         "stage.name": "ldm", "data.train._target_": "ldm.data.emoji.EmojiDataset", "image_size": 32, "trainer.max_steps": 10000,
         "callbacks.evaluation.every_n_steps": 1000, "callbacks.evaluation.metrics": ["fid", "kid", "precision", "recall"],
         "trainer.accelerator": "cpu",
+    },
+    "emoji_class_ldm": {
+        "stage.name": "ldm", "data.train._target_": "ldm.data.emoji.EmojiDataset", "data.train.label": "group",
+        "conditioning._target_": "ldm.modules.conditioning.ClassConditioner", "conditioning.num_classes": 11,
+        "trainer.max_steps": 10000, "callbacks.evaluation.metrics": ["fid", "kid", "precision", "recall"], "trainer.accelerator": "cpu",
     },
     "shapes_class_ldm": {
         "stage.name": "ldm", "conditioning._target_": "ldm.modules.conditioning.ClassConditioner", "conditioning.num_classes": 24,
@@ -107,6 +114,7 @@ REQUIRED = {"shapes_ldm_22k": ["autoencoder_ckpt=/dummy/last.ckpt"],
             **{name: ["autoencoder_ckpt=/dummy/last.ckpt"] for name in ("shapes_class_ldm", "shapes_uncond_ldm", "shapes_inpaint_ldm",
                                                                         "shapes_sr4_ldm")},
             "emoji_ldm_10k": ["autoencoder_ckpt=/dummy/last.ckpt"],
+            "emoji_class_ldm": ["autoencoder_ckpt=/dummy/last.ckpt"],
             "kl_f8_gpu": ["data.train.root=/data/images"],
             "sd15_gpu": ["autoencoder_ckpt=/dummy/last.ckpt", "data.train.root=/data/images"],
             "sd21_gpu": ["autoencoder_ckpt=/dummy/last.ckpt", "data.train.root=/data/images"],
@@ -180,6 +188,20 @@ def test_the_shapes_ldm_recipe_trains_on_a_stage_1_checkpoint(tmp_path: Path, ti
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file() and list((tmp_path / "images").glob("*.png"))
     saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert (saved["stage"]["module"]["lr_decay_start"], saved["stage"]["module"]["lr_decay_steps"]) == (20000, 22000)
+
+
+def test_the_emoji_class_recipe_trains_and_measures_class_conditional_fid(tmp_path: Path, tiny_autoencoder_ckpt: str) -> None:
+    tiny_emoji_run = [o for o in TINY_RUN if not o.startswith(("data.train.length", "data.val.length"))]
+    cfg = _experiment(tmp_path, "emoji_class_ldm", f"autoencoder_ckpt={tiny_autoencoder_ckpt}", *tiny_emoji_run, "+trainer.limit_val_batches=2",
+                      "stage.module.sample_steps=2", "stage.module.scale_factor_batches=2", "callbacks.evaluation.n_images=4",
+                      "callbacks.evaluation.steps=2", "callbacks.evaluation.metrics=[fid]",
+                      f"callbacks.evaluation.feature_cache={tmp_path / 'features'}")
+    metrics = train(cfg)
+    assert "val/loss" in metrics
+    history = json.loads((tmp_path / "evaluation" / "metrics.json").read_text())
+    assert [entry["step"] for entry in history] == [2] and history[0]["fid"] > 0
+    ckpt = read_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    assert ckpt["state_dict"]["unet.label_emb.weight"].shape[0] == 12  # 11 groups and the null class
 
 
 # --- the callbacks group ----------------------------------------------------------------------------

@@ -6,7 +6,8 @@ reconstruction against its original (mean and std over images), and rFID, the FI
 originals and the reconstructions.
 
 Stage 2 (`stage=ldm`): ``n_images`` images generated for a prompt set (the captions of the same
-held-out images, or one prompt a line of ``prompts_file``, cycled), image k from seed ``seed + k``,
+held-out images, or one prompt a line of ``prompts_file``, cycled), for their class labels (a
+class-conditional model) or for nothing (an unconditional one), image k from seed ``seed + k``,
 with the `sampler` config group's sampler and the given guidance, through `ldm.inference`; FID, KID, IS
 and precision/recall against the held-out images (the reference set).
 
@@ -115,22 +116,42 @@ def reconstruction_metrics(
 def generate(
     model: LatentDiffusionModel,
     sampler: Any,
-    prompts: Sequence[str],
+    prompts: Sequence[str] | None,
     seeds: Sequence[int],
     size: tuple[int, int],
     batch_size: int = 16,
     progress: bool = False,
-    on_batch: Callable[[Tensor], None] | None = None,
+    class_labels: Sequence[int] | None = None,
     **guidance: Any,
 ) -> Iterator[Tensor]:
-    """Images in [-1, 1] (on the CPU) for each (prompt, seed), a batch at a time, with a progress bar."""
-    bar = tqdm(total=len(prompts), desc="generating", unit="img", disable=not progress)
-    for start in range(0, len(prompts), batch_size):
-        images = generate_images(model, sampler, list(prompts[start : start + batch_size]), list(seeds[start : start + batch_size]),
-                                 height=size[0], width=size[1], **guidance).float().clamp(-1, 1).cpu()
+    """Images in [-1, 1] (on the CPU) for each seed (and its prompt or class label, whichever the model
+    takes: `generation_inputs`), a batch at a time, with a progress bar."""
+    bar = tqdm(total=len(seeds), desc="generating", unit="img", disable=not progress)
+    for start in range(0, len(seeds), batch_size):
+        part = slice(start, start + batch_size)
+        images = generate_images(model, sampler, list(prompts[part]) if prompts is not None else None, list(seeds[part]),
+                                 height=size[0], width=size[1], class_labels=list(class_labels[part]) if class_labels is not None else None,
+                                 **guidance).float().clamp(-1, 1).cpu()
         bar.update(len(images))
         yield images
     bar.close()
+
+
+def generation_inputs(model: LatentDiffusionModel, captions: Sequence[str], labels: Sequence[int] | None) -> dict[str, list | None]:
+    """What the model generates each reference image's counterpart from: its caption (text-to-image), its
+    class label (class-conditional: class-conditional FID, as for ImageNet LDMs), or nothing (unconditional)."""
+    conditioner = model.conditioner
+    if conditioner.consumes_image:
+        raise EvaluationError(f"this is a {conditioner.description} model: it generates from input images, not for a reference "
+                              f"set; measure it with benchmarks/conditioning_eval.py (docs/conditioning.md).")
+    if "class_label" in conditioner.required:
+        if labels is None:
+            raise EvaluationError("this is a class-conditional model and the reference images have no labels (batch['label']); "
+                                  "evaluate it on labelled data (data=shapes, data=emoji).")
+        return {"prompts": None, "class_labels": [int(label) for label in labels]}
+    if "prompt" in conditioner.inputs:
+        return {"prompts": list(captions), "class_labels": None}
+    return {"prompts": None, "class_labels": None}
 
 
 def generation_metrics_of(
@@ -196,6 +217,16 @@ def captions_of(dataset: Dataset, n: int) -> list[str]:
     if hasattr(dataset, "caption"):
         return [dataset.caption(i) for i in range(n)]
     return [dataset[i]["caption"] for i in range(n)]
+
+
+def labels_of(dataset: Dataset, n: int) -> list[int] | None:
+    """The first n images' class labels, or None where the dataset gives none."""
+    reader = getattr(dataset, "label_of", None) or (dataset.label if callable(getattr(dataset, "label", None)) else None)
+    if reader is not None:
+        return [int(reader(i)) for i in range(n)]
+    if n == 0 or "label" not in dataset[0]:
+        return None
+    return [int(dataset[i]["label"]) for i in range(n)]
 
 
 def read_prompt_file(path: str) -> list[str]:
@@ -305,11 +336,16 @@ def _evaluate_generation(cfg: DictConfig, dataset: Dataset, n_images: int, extra
     interval = checked_setting(cfg, "guidance_interval", checked_interval)
     model = load_checkpoint_for_sampling(cfg.ckpt, device, bool(cfg.use_ema))
     sampler, sampler_options = sampler_from_config(cfg.sampler, model.schedule, {k: cfg.get(k) for k in SAMPLER_SHORTCUTS})
+    if cfg.prompts_file and "prompt" not in model.conditioner.inputs:
+        raise EvaluationError(f"prompts_file= is for text-to-image models; this is a {model.conditioner.description} model "
+                              f"(it generates for the held-out images' {'labels' if 'class_label' in model.conditioner.inputs else 'count'}).")
     source = read_prompt_file(cfg.prompts_file) if cfg.prompts_file else captions_of(dataset, n_images)
     prompts = [source[k % len(source)] for k in range(n_images)]
+    inputs = generation_inputs(model, prompts, labels_of(dataset, n_images) if "class_label" in model.conditioner.inputs else None)
     seeds = [int(cfg.seed) + k for k in range(n_images)]
     try:
-        batches = generate(model, sampler, prompts, seeds, (resolution, resolution), int(cfg.batch_size), bool(cfg.progress),
+        batches = generate(model, sampler, inputs["prompts"], seeds, (resolution, resolution), int(cfg.batch_size), bool(cfg.progress),
+                           class_labels=inputs["class_labels"],
                            guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, guidance_interval=interval,
                            negative_prompt=cfg.negative_prompt)
         numbers, grid = generation_metrics_of(batches, extractor, reference, names, keep=GRID_IMAGES,
@@ -323,7 +359,9 @@ def _evaluate_generation(cfg: DictConfig, dataset: Dataset, n_images: int, extra
         "sampler": sampler.name, "steps": sampler.steps, "sampler_options": sampler_options, "guidance_scale": guidance_scale,
         "guidance_rescale": guidance_rescale, "guidance_interval": list(interval) if interval else None,
         "negative_prompt": cfg.negative_prompt, "use_ema": bool(cfg.use_ema), "seeds": [seeds[0], seeds[-1]],
-        "prompts": str(cfg.prompts_file) if cfg.prompts_file else f"captions of data.{cfg.split}",
+        "prompts": (str(cfg.prompts_file) if cfg.prompts_file else f"captions of data.{cfg.split}") if inputs["prompts"] is not None else None,
+        "class_labels": f"labels of data.{cfg.split}" if inputs["class_labels"] is not None else None,
+        "conditioning": model.conditioner.kind,
     }
     return numbers, grid, settings
 

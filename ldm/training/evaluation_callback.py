@@ -2,8 +2,8 @@
 at the end of fit, a PNG plot of them in the run directory.
 
 Stage 1: PSNR/SSIM/LPIPS/rFID of the first N validation images' reconstructions. Stage 2: FID/KID/IS/
-precision/recall of N images generated (EMA UNet, DDIM, fixed seeds) for the first N validation captions,
-against those N validation images. Both through `ldm.evaluation.evaluate`, the code of
+precision/recall of N images generated (EMA UNet, DDIM, fixed seeds) for the first N validation captions
+(a class-conditional model: their labels; an unconditional one: nothing), against those N validation images. Both through `ldm.evaluation.evaluate`, the code of
 `python evaluate.py`, so the numbers during training and after it are the same measurement.
 
 Enable with ``callbacks=with_eval`` (configs/callbacks/with_eval.yaml) or add it to any callback set:
@@ -28,7 +28,7 @@ from torch.utils.data import Dataset
 from ldm.diffusion.samplers import DDIMSampler
 from ldm.errors import ConfigError
 from ldm.evaluation import metrics as M
-from ldm.evaluation.evaluate import generate, generation_metrics_of, reconstruction_metrics
+from ldm.evaluation.evaluate import generate, generation_inputs, generation_metrics_of, reconstruction_metrics
 from ldm.evaluation.inception import InceptionFeatureExtractor, load_inception
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,7 @@ class EvaluationCallback(pl.Callback):
         self._reference: M.Features | None = None
         self._images: Tensor | None = None
         self._captions: list[str] | None = None
+        self._labels: list[int] | None = None
 
     # --- what to evaluate ------------------------------------------------------------------------
 
@@ -92,16 +93,18 @@ class EvaluationCallback(pl.Callback):
         return [m for m in (self.metrics or allowed) if m in allowed]
 
     def _held_out(self, trainer: pl.Trainer) -> tuple[Tensor, list[str]]:
-        """The first n_images validation images (in [-1, 1]) and captions, read once."""
+        """The first n_images validation images (in [-1, 1]) and captions (and labels, where the data has
+        them: `self._labels`), read once."""
         if self._images is None:
             datamodule = trainer.datamodule
             dataset: Dataset | None = getattr(datamodule, "val_set", None)
-            images, captions = [], []
+            images, captions, labels = [], [], []
             if dataset is not None and hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__"):
                 for index in range(min(self.n_images, len(dataset))):
                     sample = dataset[index]
                     images.append(sample["image"])
                     captions.append(sample["caption"])
+                    labels.append(sample.get("label"))
                 images_t = torch.stack(images) if images else torch.empty(0)
             else:  # streamed validation batches (shards)
                 parts = []
@@ -110,13 +113,15 @@ class EvaluationCallback(pl.Callback):
                         raise ConfigError("callbacks.evaluation needs validation images; this data gives none (a latent cache?).")
                     parts.append(batch["image"])
                     captions += list(batch["caption"])
+                    labels += [int(label) for label in batch["label"]] if "label" in batch else [None] * len(batch["image"])
                     if sum(len(p) for p in parts) >= self.n_images:
                         break
                 images_t = torch.cat(parts)[: self.n_images] if parts else torch.empty(0)
-                captions = captions[: self.n_images]
+                captions, labels = captions[: self.n_images], labels[: self.n_images]
             if len(images_t) < 4:
                 raise ConfigError(f"callbacks.evaluation needs at least 4 validation images, the data has {len(images_t)}.")
             self._images, self._captions = images_t.float(), captions
+            self._labels = None if any(label is None for label in labels) else [int(label) for label in labels]
         return self._images, self._captions
 
     def _batches(self, images: Tensor):
@@ -167,7 +172,9 @@ class EvaluationCallback(pl.Callback):
                 model = pl_module.generation_model()
                 sampler = DDIMSampler(pl_module.schedule, self.steps, eta=0.0)
                 size = images.shape[-2:]
-                batches = generate(model, sampler, captions, list(range(len(captions))), (int(size[0]), int(size[1])), self.batch_size,
+                inputs = generation_inputs(model, captions, self._labels)
+                batches = generate(model, sampler, inputs["prompts"], list(range(len(captions))), (int(size[0]), int(size[1])), self.batch_size,
+                                   class_labels=inputs["class_labels"],
                                    guidance_scale=self.guidance_scale)
                 numbers, _ = generation_metrics_of(batches, self._inception(device), reference, names,
                                                    kid_subset_size=min(1000, len(images)), is_splits=min(10, len(images)))
