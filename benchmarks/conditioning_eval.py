@@ -6,7 +6,9 @@ chosen by the checkpoint's conditioning. The command line over ``ldm.evaluation.
     python benchmarks/conditioning_eval.py runs/ldm/<inpaint run>/checkpoints/last.ckpt --n 256 --guidance 5
     python benchmarks/conditioning_eval.py runs/ldm/<sr run>/checkpoints/last.ckpt --n 256
 
-Prints the figures as one JSON line (``--json PATH`` writes them too). What each must reach
+Prints the figures as one JSON line (``--json PATH`` writes them too; ``--grid PATH`` a PNG of the
+samples: a row per class, 64 unconditional samples, input / masked / output rows, or input / bicubic /
+model / original rows). What each must reach
 (docs/conditioning.md): class ``accuracy`` >= 0.95; none ``max_tv`` <= 0.05; inpaint ``kept_psnr_margin``
 >= -1 dB and ``asked_colour`` >= 0.90; superres ``gain_db`` >= 3.
 """
@@ -20,9 +22,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from torchvision.utils import save_image
 
 from ldm.diffusion import SAMPLERS
-from ldm.evaluation.conditioning import evaluate
+from ldm.evaluation.conditioning import GRID_COLUMNS, evaluate
 from ldm.inference import load_model
 
 
@@ -37,6 +40,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--grid", type=Path, default=None, help="PNG of the samples (GRID_COLUMNS per row)")
     return parser.parse_args(argv)
 
 
@@ -46,6 +50,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     start = time.process_time()
     result = evaluate(model, args.n, guidance_scale=args.guidance, steps=args.steps, sampler=args.sampler, seed=args.seed,
                       batch_size=args.batch_size)
+    grid = result.pop("grid")
+    if args.grid:
+        save_image((grid + 1) / 2, args.grid, nrow=GRID_COLUMNS, padding=2, pad_value=1.0)
     result.update(checkpoint=str(Path(args.ckpt).resolve()), global_step=model.metadata.get("global_step"),
                   cpu_seconds=round(time.process_time() - start, 1))
     line = json.dumps(result)

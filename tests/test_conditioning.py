@@ -334,8 +334,12 @@ def test_each_kind_is_measured_on_its_tiny_checkpoint(run, tmp_path: Path) -> No
     finally:
         sys.path.remove(str(REPO / "benchmarks"))
     out = tmp_path / "result.json"
-    result = conditioning_eval.main([run.ckpt, "--n", "2", "--steps", "2", "--batch-size", "16", "--device", "cpu", "--json", str(out)])
+    grid = tmp_path / "grid.png"
+    result = conditioning_eval.main([run.ckpt, "--n", "2", "--steps", "2", "--batch-size", "16", "--device", "cpu", "--json", str(out),
+                                     "--grid", str(grid)])
     assert json.loads(out.read_text()) == result and result["task"] == run.kind and result["cpu_seconds"] >= 0
+    rows = {"class": len(CLASSES), "none": 1, "inpaint": 3, "superres": 4}[run.kind]  # a row per class; input/masked/output; ...
+    assert Image.open(grid).size == (8 * 34 + 2, rows * 34 + 2)
     figure = {"class": "accuracy", "none": "max_tv", "inpaint": "asked_colour", "superres": "gain_db"}[run.kind]
     assert np.isfinite(result[figure])
     if run.kind == "class":

@@ -6,7 +6,8 @@
   the input (beside the autoencoder's own reconstruction PSNR of that region) and the detected colour;
 - superres: PSNR of the upsampled held-out images against the originals, beside bicubic upsampling.
 
-Each samples with a fixed seed per image, on held-out ("val") shapes where it needs images.
+Each samples with a fixed seed per image, on held-out ("val") shapes where it needs images, and returns
+its figures and, under "grid", a picture of them (`GRID_COLUMNS` wide, in [-1, 1]) for the eye.
 """
 
 from __future__ import annotations
@@ -25,6 +26,17 @@ from ldm.evaluation.shapes_detector import detect_batch
 from ldm.inference import LatentDiffusionModel, generate_images
 
 TV_ATTRIBUTES: tuple[str, ...] = ("colour", "shape", "background")
+GRID_COLUMNS = 8
+
+
+def _grid_rows(*rows: Tensor) -> Tensor:
+    """Rows of GRID_COLUMNS images each (a short row padded with white), stacked in order, as make_grid lays
+    them out with nrow=GRID_COLUMNS."""
+    padded = []
+    for row in rows:
+        row = row[:GRID_COLUMNS].cpu().float()
+        padded += [row, torch.ones(GRID_COLUMNS - len(row), *row.shape[1:])]
+    return torch.cat(padded)
 
 
 def _batches(n: int, batch_size: int) -> list[range]:
@@ -56,7 +68,7 @@ def class_accuracy(model: LatentDiffusionModel, per_class: int = 32, *, guidance
     per_label = {f"{c} {s}": sum(both[k] for k in range(len(labels)) if labels[k] == i) / per_class for i, (c, s) in enumerate(CLASSES)}
     return {"task": "class", "n": len(labels), "guidance_scale": guidance_scale, "steps": steps, "sampler": sampler,
             "accuracy": sum(both) / len(both), "colour": sum(colour) / len(colour), "shape": sum(shape) / len(shape),
-            "per_class": per_label}
+            "per_class": per_label, "grid": _grid_rows(*images.split(per_class))}  # a row per class
 
 
 def distribution(readings: Sequence[dict[str, str]], attribute: str) -> dict[str, float]:
@@ -81,6 +93,7 @@ def unconditional_match(model: LatentDiffusionModel, n: int = 1024, *, steps: in
         p, q = distribution(generated, attribute), distribution(reference, attribute)
         result[attribute] = {"tv": total_variation(p, q), "samples": p, "data": q}
     result["max_tv"] = max(result[a]["tv"] for a in TV_ATTRIBUTES)
+    result["grid"] = _grid_rows(*images[: GRID_COLUMNS * GRID_COLUMNS].split(GRID_COLUMNS))
     return result
 
 
@@ -124,9 +137,10 @@ def inpainting_scores(model: LatentDiffusionModel, n: int = 256, *, guidance_sca
     keep = 1.0 - masks
     psnr, ae_psnr = masked_psnr(images, originals, keep).mean().item(), masked_psnr(reconstructions, originals, keep).mean().item()
     colour = [reading["colour"] == wanted for reading, wanted in zip(detect_batch(images), asked)]
+    shown = [part[start:] for start in range(0, min(n, 2 * GRID_COLUMNS), GRID_COLUMNS) for part in (originals, originals * keep, images)]
     return {"task": "inpaint", "n": n, "guidance_scale": guidance_scale, "steps": steps, "sampler": sampler,
             "kept_psnr": psnr, "autoencoder_kept_psnr": ae_psnr, "kept_psnr_margin": psnr - ae_psnr,
-            "asked_colour": sum(colour) / n}
+            "asked_colour": sum(colour) / n, "grid": _grid_rows(*shown)}  # input, masked (grey: regenerated), output
 
 
 def superres_scores(model: LatentDiffusionModel, n: int = 256, *, steps: int = 25, sampler: str = "ddim", seed: int = 0,
@@ -142,8 +156,10 @@ def superres_scores(model: LatentDiffusionModel, n: int = 256, *, steps: int = 2
     bicubic = F.interpolate(low, size=originals.shape[-2:], mode="bicubic", align_corners=False).clamp(-1, 1)
     everything = torch.ones_like(originals[:, :1])
     ours, baseline = masked_psnr(images, originals, everything).mean().item(), masked_psnr(bicubic, originals, everything).mean().item()
+    nearest = F.interpolate(low, size=originals.shape[-2:], mode="nearest")
     return {"task": "superres", "n": n, "factor": conditioner.factor, "steps": steps, "sampler": sampler,
-            "psnr": ours, "bicubic_psnr": baseline, "gain_db": ours - baseline}
+            "psnr": ours, "bicubic_psnr": baseline, "gain_db": ours - baseline,
+            "grid": _grid_rows(nearest, bicubic, images, originals)}  # input (nearest), bicubic, model, original
 
 
 def evaluate(model: LatentDiffusionModel, n: int, **options: Any) -> dict[str, Any]:
