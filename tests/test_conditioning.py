@@ -420,3 +420,8 @@ def test_evaluate_generates_for_what_the_model_takes(run, tmp_path: Path, monkey
         assert labels == [int(val[i]["label"]) for i in range(6)] and result["class_labels"] == "labels of data.val"
     else:
         assert labels == [] and result["class_labels"] is None and result["prompts"] is None
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a large red circle in the center on a white background\n")
+    cfg.prompts_file = str(prompts)
+    with pytest.raises(EvaluationError, match=r"prompts_file= is for text-to-image models; this is an? (class-conditional|unconditional)"):
+        evaluate_module.evaluate(cfg)

@@ -337,8 +337,9 @@ def _evaluate_generation(cfg: DictConfig, dataset: Dataset, n_images: int, extra
     model = load_checkpoint_for_sampling(cfg.ckpt, device, bool(cfg.use_ema))
     sampler, sampler_options = sampler_from_config(cfg.sampler, model.schedule, {k: cfg.get(k) for k in SAMPLER_SHORTCUTS})
     if cfg.prompts_file and "prompt" not in model.conditioner.inputs:
-        raise EvaluationError(f"prompts_file= is for text-to-image models; this is a {model.conditioner.description} model "
-                              f"(it generates for the held-out images' {'labels' if 'class_label' in model.conditioner.inputs else 'count'}).")
+        description = model.conditioner.description
+        raise EvaluationError(f"prompts_file= is for text-to-image models; this is {'an' if description[0] in 'aeiou' else 'a'} {description} model: "
+                              f"leave prompts_file out.")
     source = read_prompt_file(cfg.prompts_file) if cfg.prompts_file else captions_of(dataset, n_images)
     prompts = [source[k % len(source)] for k in range(n_images)]
     inputs = generation_inputs(model, prompts, labels_of(dataset, n_images) if "class_label" in model.conditioner.inputs else None)
