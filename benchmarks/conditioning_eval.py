@@ -2,7 +2,7 @@
 chosen by the checkpoint's conditioning. The command line over ``ldm.evaluation.conditioning``.
 
     python benchmarks/conditioning_eval.py runs/ldm/<class run>/checkpoints/last.ckpt --n 32 --guidance 5   # n per class
-    python benchmarks/conditioning_eval.py runs/ldm/<uncond run>/checkpoints/last.ckpt --n 1024
+    python benchmarks/conditioning_eval.py runs/ldm/<uncond run>/checkpoints/last.ckpt --n 4096
     python benchmarks/conditioning_eval.py runs/ldm/<inpaint run>/checkpoints/last.ckpt --n 256 --guidance 5
     python benchmarks/conditioning_eval.py runs/ldm/<sr run>/checkpoints/last.ckpt --n 256
 
@@ -34,6 +34,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("ckpt")
     parser.add_argument("--n", type=int, default=256, help="images (class-conditional: images per class)")
     parser.add_argument("--guidance", type=float, default=5.0, help="guidance scale (class, inpaint)")
+    parser.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                        help="guide only at timesteps LO <= t <= HI (class, inpaint; e.g. 0 400)")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS))
     parser.add_argument("--seed", type=int, default=0)
@@ -48,8 +50,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     model = load_model(args.ckpt, args.device)
     start = time.process_time()
-    result = evaluate(model, args.n, guidance_scale=args.guidance, steps=args.steps, sampler=args.sampler, seed=args.seed,
-                      batch_size=args.batch_size)
+    interval = tuple(args.guidance_interval) if args.guidance_interval else None
+    result = evaluate(model, args.n, guidance_scale=args.guidance, guidance_interval=interval, steps=args.steps, sampler=args.sampler,
+                      seed=args.seed, batch_size=args.batch_size)
     grid = result.pop("grid")
     if args.grid:
         save_image((grid + 1) / 2, args.grid, nrow=GRID_COLUMNS, padding=2, pad_value=1.0)

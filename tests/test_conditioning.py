@@ -336,8 +336,9 @@ def test_each_kind_is_measured_on_its_tiny_checkpoint(run, tmp_path: Path) -> No
     out = tmp_path / "result.json"
     grid = tmp_path / "grid.png"
     result = conditioning_eval.main([run.ckpt, "--n", "2", "--steps", "2", "--batch-size", "16", "--device", "cpu", "--json", str(out),
-                                     "--grid", str(grid)])
+                                     "--grid", str(grid), "--guidance-interval", "0", "400"])
     assert json.loads(out.read_text()) == result and result["task"] == run.kind and result["cpu_seconds"] >= 0
+    assert result.get("guidance_interval") == ([0.0, 400.0] if run.kind in ("class", "inpaint") else None)
     rows = {"class": len(CLASSES), "none": 1, "inpaint": 3, "superres": 4}[run.kind]  # a row per class; input/masked/output; ...
     assert Image.open(grid).size == (8 * 34 + 2, rows * 34 + 2)
     figure = {"class": "accuracy", "none": "max_tv", "inpaint": "asked_colour", "superres": "gain_db"}[run.kind]
@@ -363,6 +364,35 @@ def test_class_accuracy_is_one_for_a_model_that_draws_the_asked_class(monkeypatc
     model = SimpleNamespace(schedule=NoiseSchedule(kind="linear"), image_size=32)
     result = measure.class_accuracy(model, per_class=2, steps=2)
     assert result["accuracy"] == 1.0 and set(result["per_class"].values()) == {1.0}
+
+
+def test_the_sampling_floor_is_the_binomial_mean_deviation() -> None:
+    """Two equally likely values, n = 100 draws: E|k/n - 1/2| = C(100, 50) / 2^101 (0.0398)."""
+    import math
+
+    from ldm.evaluation.conditioning import sampling_floor
+
+    exact = math.comb(100, 50) / 2**101
+    assert sampling_floor({"a": 0.5, "b": 0.5}, 100, draws=20000) == pytest.approx(exact, abs=0.002)
+
+
+def test_an_unconditional_model_that_draws_the_data_scores_near_its_floor(monkeypatch) -> None:
+    import ldm.evaluation.conditioning as measure
+
+    other_draws = ShapesDataset(size=32, length=512, split="train", seed=7, cache=False)
+
+    def like_the_data(model, sampler, prompts, seeds, **_):
+        return torch.stack([other_draws[k]["image"] for k in seeds])
+
+    monkeypatch.setattr(measure, "generate_images", like_the_data)
+    model = SimpleNamespace(schedule=NoiseSchedule(kind="linear"), image_size=32)
+    result = measure.unconditional_match(model, 512, steps=2, reference_n=4096)
+    assert result["max_tv"] < 3 * result["max_floor"] < 0.15
+    lopsided = ShapesDataset(size=32, length=512, split="train", seed=7, cache=False)
+    circles = [k for k in range(512) if lopsided.attributes(k)["shape"] == "circle"]
+    monkeypatch.setattr(measure, "generate_images", lambda model, sampler, prompts, seeds, **_: torch.stack(
+        [lopsided[circles[k % len(circles)]]["image"] for k in seeds]))
+    assert measure.unconditional_match(model, 512, steps=2, reference_n=4096)["shape"]["tv"] > 0.6  # circles only
 
 
 def test_distances_and_masked_psnr() -> None:
