@@ -60,7 +60,8 @@ EXPECTED = {
     },
     "shapes_class_ldm": {
         "stage.name": "ldm", "conditioning._target_": "ldm.modules.conditioning.ClassConditioner", "conditioning.num_classes": 24,
-        "data.train.holdout": [], "data.val.holdout": [], "trainer.max_steps": 10000, "image_size": 32, "trainer.accelerator": "cpu",
+        "data.train.holdout": [], "data.val.holdout": [], "trainer.max_steps": 14000, "stage.module.lr_decay_start": 12000,
+        "image_size": 32, "trainer.accelerator": "cpu",
     },
     "shapes_uncond_ldm": {
         "stage.name": "ldm", "conditioning._target_": "ldm.modules.conditioning.Unconditional", "trainer.max_steps": 10000,
