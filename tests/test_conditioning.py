@@ -448,6 +448,7 @@ def test_evaluate_generates_for_what_the_model_takes(run, tmp_path: Path, monkey
     if run.kind == "class":
         val = hydra.utils.instantiate(cfg.data.val)
         assert labels == [int(val[i]["label"]) for i in range(6)] and result["class_labels"] == "labels of data.val"
+        assert "class labels: labels of data.val." in (tmp_path / "out" / "metrics.md").read_text()
     else:
         assert labels == [] and result["class_labels"] is None and result["prompts"] is None
     prompts = tmp_path / "prompts.txt"

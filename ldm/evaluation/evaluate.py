@@ -396,7 +396,9 @@ def markdown_table(result: dict[str, Any]) -> str:
            str(result["n_images"])] + [_format(result["metrics"], key) for _, key in columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), "| " + " | ".join(row) + " |", ""]
     if stage == "ldm":
-        lines.append(f"Sampler {result['sampler']} ({result['steps']} steps), guidance {result['guidance_scale']}, prompts: {result['prompts']}.")
+        inputs = (f"prompts: {result['prompts']}" if result.get("prompts") else
+                  f"class labels: {result['class_labels']}" if result.get("class_labels") else "unconditional")
+        lines.append(f"Sampler {result['sampler']} ({result['steps']} steps), guidance {result['guidance_scale']}, {inputs}.")
     if result.get("lpips_network"):
         lines.append(f"LPIPS network: {result['lpips_network']}.")
     for note in result["metrics"].get("notes", []):
