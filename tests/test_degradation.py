@@ -70,7 +70,8 @@ def test_each_step_degrades_and_the_strength_varies_per_image() -> None:
     assert float(errors.max()) > 1e-3 and float(errors.max()) > 4 * float(errors.min())
     torch.manual_seed(0)
     assert not torch.equal(Degradation(jpeg_quality=5)(images, 4), clean)
-    assert not Degradation().active and Degradation(jpeg_quality=50).active
+    assert torch.equal(Degradation()(images, 4), clean)  # nothing configured: the clean downsampling
+    assert not torch.equal(Degradation(jpeg_quality=50)(images, 4), clean)
 
 
 @pytest.mark.parametrize("bad", [{"blur": -1.0}, {"noise_level": -0.1}, {"jpeg_quality": 0}, {"jpeg_quality": 101}])

@@ -139,7 +139,7 @@ class SuperResolutionConditioner(_ConcatConditioner):
 
     def training_input(self, image: Tensor) -> Tensor:
         """The low-resolution image degraded at random as configured (clean when nothing is)."""
-        return self.degradation(image, self.factor) if self.degradation.active else self.low_resolution(image)
+        return self.degradation(image, self.factor)
 
     @staticmethod
     def concat(low: Tensor, latent_hw: tuple[int, int], codec: LatentCodec) -> Tensor:

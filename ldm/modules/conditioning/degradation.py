@@ -63,10 +63,6 @@ class Degradation:
             raise ValueError(f"jpeg_quality must be in 1..100 (or null for no JPEG), got {jpeg_quality}")
         self.blur, self.noise_level, self.jpeg_quality = float(blur), float(noise_level), jpeg_quality
 
-    @property
-    def active(self) -> bool:
-        return self.blur > 0 or self.noise_level > 0 or self.jpeg_quality is not None
-
     def __call__(self, image: Tensor, factor: int) -> Tensor:
         """The degraded low-resolution version of the high-resolution batch `image`."""
         n = image.shape[0]
